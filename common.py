@@ -1,0 +1,87 @@
+"""What finetune.py and merge_and_push.py share: the settings they both name, the command line, the tokenizer
+set-up, the choice of device, and the one-line error a user sees instead of a traceback."""
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+# Bigger models are refused on a machine without CUDA: the CPU path is for tests and smoke runs, and a 7B model in
+# 4-bit would take days per epoch there.
+CPU_MAX_PARAMS = 1_000_000_000
+
+
+class UserError(Exception):
+    """A mistake in the user's settings or files: shown as one line, with the fix, and a non-zero exit."""
+
+
+def setting(default, help, **metadata):
+    """A dataclass field whose help text `--help` prints; `choices=[...]` limits the values."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class ModelSettings:
+    """The names both scripts use, so the adapter merge_and_push.py reads is the one finetune.py wrote."""
+
+    # Step 2. The base model and the new model's name
+    model_name: str = setting("NousResearch/Llama-2-7b-chat-hf", "base model: a Hub id or a local folder")
+    new_model: str = setting("llama-2-7b-yubong", "folder the fine-tuned LoRA adapter is saved to (and read from)")
+    trust_remote_code: bool = setting(
+        False, "run Python code shipped in the model's Hub repository (off: only code of installed libraries runs)"
+    )
+
+
+def parse_settings(settings_class, argv=None):
+    """The dataclass's defaults, with whatever the command line overrides (`--name value`)."""
+    parser = HfArgumentParser(settings_class)
+    (settings,) = parser.parse_args_into_dataclasses(args=argv)
+    return settings
+
+
+def run_cli(main):
+    """Runs main() and turns a UserError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_config(model_name, trust_remote_code):
+    try:
+        return AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise UserError(
+            f"cannot load the model '{model_name}': not a local folder with a config.json, and not reachable on "
+            f"the Hugging Face Hub ({str(error).splitlines()[0]}). Check --model_name, your network or `hf auth login`."
+        ) from None
+
+
+def count_parameters(config):
+    """Parameters of the model a config describes, counted on the meta device: nothing is downloaded or allocated."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def device_map_for(model_name, config):
+    """The tutorial's step 6: the whole model on GPU 0. Without CUDA, only a small model, on the CPU."""
+    if torch.cuda.is_available():
+        return {"": 0}
+    n_params = count_parameters(config)
+    if n_params > CPU_MAX_PARAMS:
+        raise UserError(
+            f"'{model_name}' has {n_params / 1e9:.1f}B parameters and no CUDA GPU was found: a model this size needs "
+            f"a CUDA GPU (the CPU path takes models up to {CPU_MAX_PARAMS / 1e9:.0f}B, for tests and smoke runs)."
+        )
+    return {"": "cpu"}
+
+
+def load_tokenizer(name, trust_remote_code):
+    """The tutorial's step 9 tokenizer: padding with the EOS token, on the right."""
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # the tutorial: "fix weird overflow issue with fp16 training"
+    return tokenizer

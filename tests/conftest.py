@@ -1,0 +1,76 @@
+"""A tiny Llama with random weights and a tokenizer trained here, so the tests need no network and no download."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def tutorial_rows():
+    """Rows in the tutorial's data format (mlabonne/guanaco-llama2-1k): `<s>[INST] question [/INST] answer </s>`."""
+    return [
+        f"<s>[INST] What is {a} plus {b}? [/INST] {a} plus {b} is {a + b}. </s>" for a in range(10) for b in range(10)
+    ]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A folder with a 2-layer Llama (random weights, safetensors) and a BPE tokenizer with <s>, </s> and <unk>."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(tutorial_rows(), trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    # Like Llama's tokenizer: a BOS in front of every encoded text
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tutorial_data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "rows.jsonl", [{"text": row} for row in tutorial_rows()])
+
+
+def tiny_run_args(model, data, workdir, *extra):
+    """finetune.py's command line for a quick CPU run on the tiny model."""
+    return [
+        "--model_name", model,
+        "--dataset_name", data,
+        "--output_dir", str(workdir / "results"),
+        "--new_model", str(workdir / "adapter"),
+        "--max_steps", "6",
+        "--logging_steps", "1",
+        "--sample_max_new_tokens", "8",
+        *extra,
+    ]  # fmt: skip

@@ -1,0 +1,181 @@
+"""The tutorial's pipeline end to end on the CPU: 4-bit NF4 + LoRA + SFTTrainer, then the merge and the push."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import ROOT, tiny_run_args, write_jsonl
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import finetune
+import merge_and_push
+
+FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tutorial_data, tmp_path_factory):
+    """One short training run, with command-line overrides of the file's constants."""
+    workdir = tmp_path_factory.mktemp("run")
+    args = tiny_run_args(tiny_model, tutorial_data, workdir, "--learning_rate", "1e-3", "--lora_r", "8")
+    trainer = finetune.main(args)
+    return trainer, workdir
+
+
+def test_base_layers_are_bitsandbytes_4bit_nf4(trained):
+    trainer, _ = trained
+    layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers, "no bitsandbytes Linear4bit layer in the trained model"
+    assert {layer.weight.quant_type for layer in layers} == {"nf4"}
+
+
+def test_command_line_overrides_reach_the_trainer(trained):
+    trainer, _ = trained
+    assert trainer.args.learning_rate == 1e-3
+    assert trainer.args.max_steps == 6 and trainer.state.global_step == 6
+    assert trainer.model.peft_config["default"].r == 8
+
+
+def test_tutorial_settings_reach_the_trainer(trained):
+    args = trained[0].args
+    assert args.optim == "paged_adamw_32bit"
+    assert args.lr_scheduler_type == "cosine"
+    assert args.warmup_steps == 0.03
+    assert args.max_grad_norm == 0.3 and args.weight_decay == 0.001
+    assert args.train_sampling_strategy == "group_by_length"
+    assert args.activation_checkpointing is True and args.packing is False
+    assert args.save_strategy == "no"
+    lora = trained[0].model.peft_config["default"]
+    assert (lora.lora_alpha, lora.lora_dropout, lora.bias) == (16, 0.1, "none")
+
+
+def test_adapter_is_saved_trained_and_loadable(trained, tiny_model):
+    _, workdir = trained
+    adapter = workdir / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    weights = load_file(adapter / "adapter_model.safetensors")
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and all(w.abs().sum() > 0 for w in lora_b), "LoRA B weights are still zero: nothing was learned"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)
+    assert model.peft_config["default"].r == 8
+    assert AutoTokenizer.from_pretrained(adapter).pad_token == "</s>"
+
+
+def test_loss_is_logged_to_tensorboard(trained):
+    trainer, workdir = trained
+    assert any("loss" in entry for entry in trainer.state.log_history)
+    assert glob.glob(str(workdir / "results" / "runs" / "*" / "events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def merged(trained, tiny_model):
+    _, workdir = trained
+    merge_and_push.main(["--model_name", tiny_model, "--new_model", str(workdir / "adapter"), "--no_push"])
+    return workdir / "adapter-merged"
+
+
+def test_merged_model_equals_base_plus_adapter(merged, trained, tiny_model):
+    _, workdir = trained
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float16)
+    # PeftModel wraps the model it is given in place: the base alone needs a copy of its own
+    unmerged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float16), workdir / "adapter"
+    )
+    ids = AutoTokenizer.from_pretrained(merged)("<s>[INST] What is 3 plus 4? [/INST]", add_special_tokens=False)
+    ids = torch.tensor([ids.input_ids])
+    with torch.no_grad():
+        merged_logits, adapter_logits = model(ids).logits.float(), unmerged(ids).logits.float()
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-2, rtol=1e-2)
+    assert not torch.allclose(adapter_logits, base(ids).logits.float()), "the adapter changes nothing"
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids.shape[1]
+
+
+def test_merged_folder_is_safetensors_with_tokenizer(merged):
+    files = os.listdir(merged)
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    assert not [f for f in files if f.endswith(".bin")]
+
+
+def test_push_uploads_the_merged_folder_without_printing_the_token(merged, trained, tiny_model, monkeypatch, capsys):
+    """Everything up to the Hub runs; only the two network calls are replaced, and they record what would go up."""
+    _, workdir = trained
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = repo_id
+        return merge_and_push.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls["upload"] = (repo_id, str(folder_path), sorted(os.listdir(folder_path)))
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setattr(merge_and_push.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(merge_and_push.HfApi, "upload_folder", upload_folder)
+    merge_and_push.main(
+        ["--model_name", tiny_model, "--new_model", str(workdir / "adapter"), "--hub_repo", "someone/tiny-qlora"]
+    )
+    assert calls["create_repo"] == "someone/tiny-qlora"
+    repo_id, folder, files = calls["upload"]
+    assert repo_id == "someone/tiny-qlora" and folder == str(merged)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    out = capsys.readouterr()
+    assert FAKE_TOKEN not in out.out + out.err
+
+
+def run_script(script, *args, env=None):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_missing_dataset_file_is_one_line(tiny_model, tmp_path):
+    result = run_script("finetune.py", *tiny_run_args(tiny_model, str(tmp_path / "nope.jsonl"), tmp_path))
+    assert_one_line_error(result, "nope.jsonl", "not found")
+
+
+def test_dataset_without_text_column_is_one_line(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "hi", "reply": "hello"}])
+    result = run_script("finetune.py", *tiny_run_args(tiny_model, data, tmp_path))
+    assert_one_line_error(result, "'text'", "question", "reply")
+
+
+def test_large_model_without_gpu_stops_before_loading(tutorial_data, tmp_path):
+    """A 1.3B-parameter config (no weights at all): refused on the CPU from its config alone."""
+    config = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 24,
+              "num_attention_heads": 16, "vocab_size": 32000}  # fmt: skip
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text(json.dumps(config))
+    result = run_script("finetune.py", *tiny_run_args(str(tmp_path / "big"), tutorial_data, tmp_path))
+    assert_one_line_error(result, "CUDA GPU")
+
+
+def test_push_without_token_stops_before_the_merge(trained, tiny_model, tmp_path):
+    _, workdir = trained
+    env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf-home")}
+    result = run_script("merge_and_push.py", "--model_name", tiny_model, "--new_model", str(workdir / "adapter"),
+                        "--merged_dir", str(tmp_path / "merged"), env=env)  # fmt: skip
+    assert_one_line_error(result, "token", "--no_push")
+    assert not (tmp_path / "merged").exists()
