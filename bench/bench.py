@@ -45,24 +45,24 @@ CONFIGS = {
     "bf16_batch1_accum16": (BF16 + ["--gradient_accumulation_steps", "16"], 1, 4),
     "bf16_batch16_all_linear": (BF16 + ALL + ["--per_device_train_batch_size", "16"], 3, 12),
     "bf16_batch16_all_linear_dropout0": (BF16 + ALL + ["--per_device_train_batch_size", "16", "--lora_dropout", "0"], 3, 12),
-    "packed_sdpa_all_linear": (BF16 + ALL + PACKED[:2] + ["--per_device_train_batch_size", "8"], 3, 15),
-    "packed_flex_all_linear": (BF16 + ALL + PACKED, 3, 15),
-    "packed_flex_all_linear_gc_every2": (BF16 + ALL + PACKED + ["--checkpoint_every_n_layers", "2"], 3, 15),
-    "packed_flex_all_linear_offload": (BF16 + ALL + PACKED + ["--activation_offloading"], 3, 15),
-    "packed_flex_all_linear_no_gc": (BF16 + ALL + PACKED + ["--no_gradient_checkpointing"], 3, 15),
-    "packed_flex_all_linear_no_gc_dropout0": (BF16 + ALL + PACKED + ["--no_gradient_checkpointing", "--lora_dropout", "0"], 3, 15),
+    "packed_sdpa_all_linear": (BF16 + ALL + PACKED[:2] + ["--per_device_train_batch_size", "8"], 6, 12),
+    "packed_flex_all_linear": (BF16 + ALL + PACKED, 6, 12),
+    "packed_flex_all_linear_gc_every2": (BF16 + ALL + PACKED + ["--checkpoint_every_n_layers", "2"], 6, 12),
+    "packed_flex_all_linear_offload": (BF16 + ALL + PACKED + ["--activation_offloading"], 6, 12),
+    "packed_flex_all_linear_no_gc": (BF16 + ALL + PACKED + ["--no_gradient_checkpointing"], 6, 12),
+    "packed_flex_all_linear_no_gc_dropout0": (BF16 + ALL + PACKED + ["--no_gradient_checkpointing", "--lora_dropout", "0"], 6, 12),
     "packed_flex_all_linear_no_gc_dropout0_compile": (
-        BF16 + ALL + PACKED + ["--no_gradient_checkpointing", "--lora_dropout", "0", "--torch_compile"], 3, 15),
-    "liger_packed_flex_all_linear": (BF16 + ALL + PACKED + ["--use_liger_kernel"], 3, 15),
-    "liger_packed_flex_all_linear_dropout0": (BF16 + ALL + PACKED + ["--use_liger_kernel", "--lora_dropout", "0"], 3, 15),
+        BF16 + ALL + PACKED + ["--no_gradient_checkpointing", "--lora_dropout", "0", "--torch_compile"], 6, 12),
+    "liger_packed_flex_all_linear": (BF16 + ALL + PACKED + ["--use_liger_kernel"], 6, 12),
+    "liger_packed_flex_all_linear_dropout0": (BF16 + ALL + PACKED + ["--use_liger_kernel", "--lora_dropout", "0"], 6, 12),
     "liger_packed_flex_all_linear_no_gc_dropout0": (
-        BF16 + ALL + PACKED + ["--use_liger_kernel", "--no_gradient_checkpointing", "--lora_dropout", "0"], 3, 15),
+        BF16 + ALL + PACKED + ["--use_liger_kernel", "--no_gradient_checkpointing", "--lora_dropout", "0"], 6, 12),
     "liger_packed_flex_all_linear_gc_every2_dropout0": (
-        BF16 + ALL + PACKED + ["--use_liger_kernel", "--checkpoint_every_n_layers", "2", "--lora_dropout", "0"], 3, 15),
+        BF16 + ALL + PACKED + ["--use_liger_kernel", "--checkpoint_every_n_layers", "2", "--lora_dropout", "0"], 6, 12),
     "liger_packed2_flex_all_linear_dropout0": (
         BF16 + ALL + PACKED[:4] + ["--per_device_train_batch_size", "2", "--use_liger_kernel", "--lora_dropout", "0"], 3, 20),
     "liger_packed_flex_qv_no_gc_dropout0": (
-        BF16 + PACKED + ["--use_liger_kernel", "--no_gradient_checkpointing", "--lora_dropout", "0"], 3, 15),
+        BF16 + PACKED + ["--use_liger_kernel", "--no_gradient_checkpointing", "--lora_dropout", "0"], 6, 12),
 }  # fmt: skip
 
 
@@ -189,10 +189,14 @@ def packed_vs_rows(model, tokenizer, rows, autocast_dtype=None, restart_position
 
     loss_packed, grad_packed = loss_and_grads([packed])
     loss_rows, grad_rows = loss_and_grads([collate([e]) for e in examples])
+    # The noise floor: the same rows as one ordinary padded batch, a different but equally right computation
+    loss_padded, grad_padded = loss_and_grads([collate(examples)])
     return {
         "rows": len(rows), "tokens": n_tokens, "packed_loss": loss_packed, "rows_loss": loss_rows,
         "loss_rel_diff": abs(loss_packed - loss_rows) / loss_rows,
         "grad_rel_diff": ((grad_packed - grad_rows).norm() / grad_rows.norm()).item(),
+        "padded_batch_loss_rel_diff": abs(loss_padded - loss_rows) / loss_rows,
+        "padded_batch_grad_rel_diff": ((grad_padded - grad_rows).norm() / grad_rows.norm()).item(),
     }  # fmt: skip
 
 
