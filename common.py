@@ -67,18 +67,11 @@ def count_parameters(config):
     return sum(p.numel() for p in model.parameters())
 
 
-def process_state():
-    """accelerate's view of this process: under `accelerate launch`, which of the processes it is and which GPU is
-    its own; in a plain run, the only process. Without CUDA every process is a CPU process (gloo), as the trainer's
-    use_cpu makes it."""
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def device_map_for(model_name, config):
-    """The tutorial's step 6: the whole model on one GPU, the one accelerate gives this process (GPU 0 in a plain
-    run). Without CUDA, only a small model, on the CPU."""
+    """The tutorial's step 6: the whole model on one GPU, the one accelerate gives this process under `accelerate
+    launch` (GPU 0 in a plain run). Without CUDA, only a small model, on the CPU."""
     if torch.cuda.is_available():
-        return {"": process_state().local_process_index}
+        return {"": PartialState().local_process_index}
     n_params = count_parameters(config)
     if n_params > CPU_MAX_PARAMS:
         raise UserError(

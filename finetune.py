@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from datasets import load_dataset
 from peft import LoraConfig
@@ -29,7 +30,6 @@ from common import (
     load_config,
     load_tokenizer,
     parse_settings,
-    process_state,
     run_cli,
     setting,
 )
@@ -117,7 +117,7 @@ def pick_precision(precision):
 
 
 def under_fsdp():
-    """True under `accelerate launch` with an FSDP config (configs/fsdp_qlora.yaml): the flag accelerate itself reads."""
+    """True under `accelerate launch` with an FSDP config (configs/fsdp_qlora.yaml): the flag accelerate reads."""
     return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
@@ -209,14 +209,17 @@ def sample_answer(model, tokenizer, question, max_new_tokens):
 
 def main(argv=None):
     settings = parse_settings(Settings, argv)
-    # Under `accelerate launch` every process runs this; only the main one prints, saves and answers (the trainer
-    # already keeps logs and checkpoints to it)
-    is_main_process = process_state().is_main_process
+    compute_dtype, bf16 = pick_precision(settings.precision)
+    # Made first: it sets up the processes `accelerate launch` started (the only one in a plain run), which the
+    # device map and the main-process checks below read
+    training_config = make_training_config(settings, bf16)
+    # Every process runs this function; only the main one prints, saves and answers (the trainer keeps its logs and
+    # checkpoints to it too)
+    is_main_process = PartialState().is_main_process
     config = load_config(settings.model_name, settings.trust_remote_code)
     device_map = device_map_for(settings.model_name, config)
     dataset = load_rows(settings.dataset_name)
 
-    compute_dtype, bf16 = pick_precision(settings.precision)
     bnb_config = make_bnb_config(settings, compute_dtype)
     if is_main_process:
         print(f"4-bit compute dtype: {compute_dtype}, trainer bf16: {bf16}, device: {device_map['']}")
@@ -225,7 +228,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
     trainer = SFTTrainer(
         model=model,
-        args=make_training_config(settings, bf16),
+        args=training_config,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=make_lora_config(settings),
@@ -238,7 +241,7 @@ def main(argv=None):
         print(f"adapter saved to {settings.new_model}")
         if under_fsdp():
             # Each GPU holds a shard of the model: generating would need every process in step with the main one
-            print("no sample answer under FSDP: the model is sharded across the GPUs; try the saved adapter instead")
+            print("no sample answer under FSDP (the model is sharded across the GPUs): try the merged model instead")
         else:
             answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
             print(f"{settings.sample_prompt}\n>>> {answer}")

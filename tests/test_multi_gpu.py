@@ -93,7 +93,8 @@ def test_fsdp_config_launches_fsdp_for_qlora(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
-        env = dict(line.split("=", 1) for line in (tmp_path / f"env-{rank}.txt").read_text().splitlines() if "=" in line)
+        lines = (tmp_path / f"env-{rank}.txt").read_text().splitlines()
+        env = dict(line.split("=", 1) for line in lines if "=" in line)
         assert env["WORLD_SIZE"] == "2"
         assert env["ACCELERATE_USE_FSDP"] == "true"
         assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true" and env["FSDP_SYNC_MODULE_STATES"] == "true"
@@ -102,7 +103,7 @@ def test_fsdp_config_launches_fsdp_for_qlora(tmp_path):
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_4bit_weights_are_stored_in_the_compute_dtype_under_fsdp(fsdp, tiny_model, tutorial_data, tmp_path, monkeypatch):
+def test_4bit_weights_take_the_compute_dtype_under_fsdp(fsdp, tiny_model, tutorial_data, tmp_path, monkeypatch):
     """Under FSDP every weight of the loaded model is a float of one dtype, which is what FSDP flattens and shards;
     otherwise the packed 4-bit weights stay uint8, bitsandbytes' default."""
     if fsdp:
