@@ -5,6 +5,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 # Bigger models are refused on a machine without CUDA: the CPU path is for tests and smoke runs, and a 7B model in
@@ -67,9 +68,10 @@ def count_parameters(config):
 
 
 def device_map_for(model_name, config):
-    """The tutorial's step 6: the whole model on GPU 0. Without CUDA, only a small model, on the CPU."""
+    """The tutorial's step 6: the whole model on one GPU, the one accelerate gives this process under `accelerate
+    launch` (GPU 0 in a plain run). Without CUDA, only a small model, on the CPU."""
     if torch.cuda.is_available():
-        return {"": 0}
+        return {"": PartialState().local_process_index}
     n_params = count_parameters(config)
     if n_params > CPU_MAX_PARAMS:
         raise UserError(

@@ -6,6 +6,7 @@ Steps 1-10 of the tutorial, top to bottom. Every setting below can be edited her
     python finetune.py --dataset_name my_rows.jsonl         # your own rows: .jsonl, .json, .csv or .parquet, "text" column
     python finetune.py --max_steps 20 --model_name ./my-model
     python finetune.py --help                               # every setting with its default
+    accelerate launch --multi_gpu --num_processes 2 finetune.py   # on 2 GPUs, data-parallel (FSDP: see README)
 
 The adapter and tokenizer land in --new_model; `python merge_and_push.py` then merges and publishes them.
 """
@@ -15,6 +16,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -126,12 +129,20 @@ def pick_precision(precision):
     return (torch.float16 if precision == "fp16" else torch.float32), False
 
 
+def under_fsdp():
+    """True under `accelerate launch` with an FSDP config (configs/fsdp_qlora.yaml): the flag accelerate reads."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
 def make_bnb_config(settings, compute_dtype):
     return BitsAndBytesConfig(
         load_in_4bit=settings.use_4bit,
         bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=settings.use_nested_quant,
+        # FSDP shards floating-point tensors only: stored as the compute dtype, the packed 4-bit weights shard across
+        # the GPUs like the rest of the model (uint8, bitsandbytes' default, would stay whole on every GPU)
+        bnb_4bit_quant_storage=compute_dtype if under_fsdp() else torch.uint8,
     )
 
 
@@ -141,6 +152,9 @@ def load_base_model(settings, bnb_config, device_map):
         settings.model_name,
         quantization_config=bnb_config,
         device_map=device_map,
+        # FSDP flattens each wrapped block into one tensor of one dtype: the unquantized weights (norms, embeddings)
+        # must share the 4-bit weights' storage dtype. Otherwise the checkpoint's own dtype, as before.
+        dtype=bnb_config.bnb_4bit_quant_storage if under_fsdp() else "auto",
         trust_remote_code=settings.trust_remote_code,
         use_safetensors=True,
         attn_implementation=settings.attn_implementation,
@@ -197,6 +211,12 @@ def make_training_config(settings, bf16):
         packing=settings.packing,
         padding_free=settings.padding_free,
         dataset_text_field="text",
+        # Without CUDA, processes started by `accelerate launch` train together over gloo on the CPU; without this
+        # each would silently train alone on all the rows
+        use_cpu=not torch.cuda.is_available(),
+        # Every LoRA weight takes part in every step; the trainer cannot tell for a peft model and would otherwise make
+        # DDP search the autograd graph for unused weights at each step
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -218,19 +238,26 @@ def sample_answer(model, tokenizer, question, max_new_tokens):
 def main(argv=None, callbacks=()):
     """Runs steps 1-10; `callbacks` (TrainerCallback objects) let the benchmark time the steps."""
     settings = parse_settings(Settings, argv)
+    compute_dtype, bf16 = pick_precision(settings.precision)
+    # Made first: it sets up the processes `accelerate launch` started (the only one in a plain run), which the
+    # device map and the main-process checks below read
+    training_config = make_training_config(settings, bf16)
+    # Every process runs this function; only the main one prints, saves and answers (the trainer keeps its logs and
+    # checkpoints to it too)
+    is_main_process = PartialState().is_main_process
     config = load_config(settings.model_name, settings.trust_remote_code)
     device_map = device_map_for(settings.model_name, config)
     dataset = load_rows(settings.dataset_name)
 
-    compute_dtype, bf16 = pick_precision(settings.precision)
     bnb_config = make_bnb_config(settings, compute_dtype)
-    print(f"4-bit compute dtype: {compute_dtype}, trainer bf16: {bf16}, device: {device_map['']}")
+    if is_main_process:
+        print(f"4-bit compute dtype: {compute_dtype}, trainer bf16: {bf16}, device: {device_map['']}")
 
     model = load_base_model(settings, bnb_config, device_map)
     tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
     trainer = SFTTrainer(
         model=model,
-        args=make_training_config(settings, bf16),
+        args=training_config,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=make_lora_config(settings),
@@ -238,12 +265,16 @@ def main(argv=None, callbacks=()):
     )
 
     trainer.train()
+    # Every process calls it (under FSDP the adapter is gathered from all of them); only the main process writes
     trainer.save_model(settings.new_model)  # the adapter (not the base model) and the tokenizer
-    print(f"adapter saved to {settings.new_model}")
-
-    if settings.sample_max_new_tokens > 0:
-        answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
-        print(f"{settings.sample_prompt}\n>>> {answer}")
+    if is_main_process:
+        print(f"adapter saved to {settings.new_model}")
+        if under_fsdp():
+            # Each GPU holds a shard of the model: generating would need every process in step with the main one
+            print("no sample answer under FSDP (the model is sharded across the GPUs): try the merged model instead")
+        elif settings.sample_max_new_tokens > 0:
+            answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
+            print(f"{settings.sample_prompt}\n>>> {answer}")
     return trainer
 
 
