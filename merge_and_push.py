@@ -108,8 +108,8 @@ def check_disk_space(settings, config):
     free = shutil.disk_usage(parent).free
     if needed > free:
         raise UserError(
-            f"not enough disk space for the merged model: it needs about {needed / 1e9:.1f} GB and {parent} has "
-            f"{free / 1e9:.1f} GB free. Free some space, or pass a --merged_dir on another disk"
+            f"not enough disk space for the merged model: it needs about {needed / 1e9:.3g} GB and {parent} has "
+            f"{free / 1e9:.3g} GB free. Free some space, or pass a --merged_dir on another disk"
         )
 
 
