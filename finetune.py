@@ -8,6 +8,7 @@ Steps 1-10 of the tutorial, top to bottom. Every setting below can be edited her
     python finetune.py --help                               # every setting with its default
 
 The adapter and tokenizer land in --new_model; `python merge_and_push.py` then merges and publishes them.
+After a crash or Ctrl-C, rerun the same command: it resumes from the newest checkpoint in --output_dir.
 """
 
 # Step 1. Imports
