@@ -25,6 +25,7 @@ import torch
 from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import SchedulerType, sort_checkpoints
 from transformers.training_args import OptimizerNames
@@ -132,6 +133,7 @@ def check_settings(settings):
         )
     check_name("optim", settings.optim, [name.value for name in OptimizerNames])
     check_name("lr_scheduler_type", settings.lr_scheduler_type, [name.value for name in SchedulerType])
+    check_report_to(settings.report_to)
     if settings.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise UserError(
             f"--precision bf16: this GPU ({torch.cuda.get_device_name(0)}) does not support bf16: "
@@ -142,6 +144,20 @@ def check_settings(settings):
             f"the adapter folder '{settings.new_model}' already holds files (an earlier run's adapter?): pass "
             "--overwrite_adapter to replace it at the end of this run, or choose another --new_model"
         )
+
+
+def check_report_to(report_to):
+    """A typo, or a logger that is not installed, would otherwise stop the run only once the model is loaded."""
+    installed = get_available_reporting_integrations()
+    for name in report_to.split(","):
+        name = name.strip()
+        check_name("report_to", name, ["none", "all", *INTEGRATION_TO_CALLBACK])
+        # transformers can tell whether each is installed, except these two
+        if name not in ("none", "all", "flyte", "kubeflow", *installed):
+            raise UserError(
+                f"--report_to {name}: the {name} package is not installed: install it, or pass --report_to "
+                "tensorboard or --report_to none"
+            )
 
 
 def check_name(option, value, known):
@@ -224,7 +240,13 @@ def load_rows(dataset_name):
         check_local_file(dataset_name, extension)
         dataset = load_dataset(LOCAL_DATA_FORMATS[extension], data_files=dataset_name, split="train")
     else:
-        dataset = load_dataset(dataset_name, split="train")
+        try:
+            dataset = load_dataset(dataset_name, split="train")
+        except (ConnectionError, FileNotFoundError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
+            raise UserError(
+                f"cannot load the data set '{dataset_name}' ({str(error).splitlines()[0]}): check --dataset_name "
+                "(a Hub id, or a local .jsonl/.json/.csv/.parquet file) and your network"
+            ) from None
     if "text" not in dataset.column_names:
         raise UserError(
             f"data set '{dataset_name}' has no 'text' column (its columns: {', '.join(dataset.column_names)}): "

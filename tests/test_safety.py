@@ -215,6 +215,7 @@ def test_folder_written_whole_keeps_the_old_folder_when_the_write_fails(tmp_path
         ("--save_steps", "2.5", ["--save_steps must be 0"]),
         ("--optim", "adamw_32bit", ["unknown --optim 'adamw_32bit'", "did you mean", "paged_adamw_32bit"]),
         ("--lr_scheduler_type", "cosin", ["unknown --lr_scheduler_type 'cosin'", "cosine"]),
+        ("--report_to", "tensorbord", ["unknown --report_to 'tensorbord'", "did you mean tensorboard"]),
     ],
 )
 def test_bad_number_or_name_is_one_line(tiny_model, tutorial_data, tmp_path, capsys, option, value, words):
@@ -235,6 +236,18 @@ def test_unknown_hub_model_offline_is_one_line(tutorial_data, tmp_path, capsys):
 def test_missing_data_file_is_one_line(tiny_model, tmp_path, capsys):
     args = tiny_run_args(tiny_model, str(tmp_path / "nope.jsonl"), tmp_path)
     assert_refused(finetune, args, capsys, "nope.jsonl", "not found", "--dataset_name")
+
+
+def test_logger_not_installed_is_one_line(tiny_model, tutorial_data, tmp_path, monkeypatch, capsys):
+    """wandb, as on a machine without it (it is not in requirements.txt, but may be installed here)."""
+    monkeypatch.setattr(finetune, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    args = tiny_run_args(tiny_model, tutorial_data, tmp_path, "--report_to", "wandb")
+    assert_refused(finetune, args, capsys, "--report_to wandb", "not installed", "--report_to none")
+
+
+def test_unknown_hub_data_set_offline_is_one_line(tiny_model, tmp_path, capsys):
+    args = tiny_run_args(tiny_model, "nobody-here/no-such-data", tmp_path)
+    assert_refused(finetune, args, capsys, "'nobody-here/no-such-data'", "--dataset_name", "network")
 
 
 def test_empty_data_file_is_one_line(tiny_model, tmp_path, capsys):
