@@ -1,4 +1,4 @@
-"""Nothing lost: checkpoints and resume, folders written whole, every bad input one line, and a token that never leaks."""
+"""Nothing lost: checkpoints and resume, folders written whole, each bad input one line, a token that never leaks."""
 
 import json
 import os
@@ -279,8 +279,9 @@ def test_bf16_forced_on_a_gpu_without_it_is_one_line(tiny_model, tutorial_data, 
 
 def test_real_cli_prints_one_line_without_traceback(tiny_model, tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    args = tiny_run_args(tiny_model, str(tmp_path / "rows.jsonl"), tmp_path)
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "finetune.py"), *tiny_run_args(tiny_model, str(tmp_path / "rows.jsonl"), tmp_path)],
+        [sys.executable, os.path.join(ROOT, "finetune.py"), *args],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
