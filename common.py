@@ -1,7 +1,10 @@
 """What finetune.py and merge_and_push.py share: the settings they both name, the command line, the tokenizer
 set-up, the choice of device, and the one-line error a user sees instead of a traceback."""
 
+import os
+import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -42,12 +45,15 @@ def parse_settings(settings_class, argv=None):
 
 
 def run_cli(main):
-    """Runs main() and turns a UserError into one line on stderr and exit status 2."""
+    """Runs main() and turns a UserError into one line on stderr and exit status 2, Ctrl-C into one line and 130."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
 
 
 def load_config(model_name, trust_remote_code):
@@ -87,3 +93,26 @@ def load_tokenizer(name, trust_remote_code):
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # the tutorial: "fix weird overflow issue with fp16 training"
     return tokenizer
+
+
+@contextmanager
+def folder_written_whole(path, main_process=True):
+    """Yields a fresh folder beside `path` to write into; when the block ends without an error, that folder takes
+    `path`'s place by renames. A crash mid-write leaves `<path>.partial`, never a half-written `path`, so the next
+    script never reads half a model. Whether an existing `path` may be replaced is the caller's question to ask.
+    The other processes of a multi-process run get the same folder's name and leave the folder to the main one."""
+    path = path.rstrip("/")
+    partial, old = f"{path}.partial", f"{path}.old"
+    if not main_process:
+        yield partial
+        return
+    shutil.rmtree(partial, ignore_errors=True)  # what a crashed earlier write left
+    os.makedirs(partial)
+    yield partial
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)  # a directory cannot be os.replace()d over a non-empty one: step it aside first
+        os.rename(partial, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, path)
