@@ -3,7 +3,8 @@
 Steps 1-10 of the tutorial, top to bottom. Every setting below can be edited here or overridden on the command line:
 
     python finetune.py                                      # the tutorial's run: Llama-2-7b-chat on guanaco-llama2-1k
-    python finetune.py --dataset_name my_rows.jsonl         # your own rows: .jsonl, .json, .csv or .parquet, "text" column
+    python finetune.py --dataset_name my_rows.jsonl         # your own rows: .jsonl/.json/.csv/.tsv/.parquet or a folder
+    python finetune.py --dataset_name my_rows.jsonl --check_data   # check them first: no model weights are loaded
     python finetune.py --max_steps 20 --model_name ./my-model
     python finetune.py --help                               # every setting with its default
 
@@ -15,14 +16,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
+import data
 from common import (
     ModelSettings,
-    UserError,
     device_map_for,
     load_config,
     load_tokenizer,
@@ -31,15 +31,26 @@ from common import (
     setting,
 )
 
-LOCAL_DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
 @dataclass
 class Settings(ModelSettings):
     # Step 2. The data set (the base model and the new model's name are in common.ModelSettings)
     dataset_name: str = setting(
-        "mlabonne/guanaco-llama2-1k", "Hub data set id, or a local .jsonl/.json/.csv/.parquet file with a 'text' column"
+        "mlabonne/guanaco-llama2-1k",
+        "Hub data set id, or a local .jsonl/.json/.csv/.tsv/.parquet file or a folder of them; the shape (text, "
+        "messages, conversations, prompt/completion, instruction/input/output, question/answer) comes from the columns",
     )
+    dataset_config: str = setting("", "config name of a Hub data set that has several")
+    dataset_split: str = setting("train", "split of a Hub data set to train on")
+    text_column: str = setting("", "train on this column's ready-made text (for columns of other names)")
+    prompt_column: str = setting("", "with response_column: the column holding the user's turn")
+    response_column: str = setting("", "with prompt_column: the column holding the answer")
+    loss_on: str = setting(
+        "auto",
+        "tokens that carry loss. auto: the answers for rows that mark them (chat, prompt/completion, ...), the whole "
+        "text for ready-made text rows",
+        choices=["auto", "answers", "all"],
+    )
+    check_data: bool = setting(False, "load, render and check the data set, print what was found, and stop")
 
     # Step 3. LoRA
     lora_r: int = setting(64, "rank of the LoRA update matrices: larger learns more and costs more memory")
@@ -74,6 +85,12 @@ class Settings(ModelSettings):
     save_steps: int = setting(0, "save a checkpoint every N steps; 0 saves none (the tutorial)")
     logging_steps: int = setting(25, "log the loss every N steps")
     report_to: str = setting("tensorboard", "where logs go: tensorboard, none, wandb, ...")
+    eval_dataset: str = setting(
+        "", "eval rows: a split of the Hub data set ('test'), or a second file, folder or Hub id (default: held out)"
+    )
+    eval_fraction: float = setting(0.05, "without eval_dataset: fraction of the rows held out for eval; 0 for none")
+    eval_seed: int = setting(42, "seed of the shuffle that picks the held-out rows")
+    eval_steps: int = setting(100, "compute the eval loss every N steps (and at the end)")
 
     # Step 6. SFT
     max_length: int = setting(1024, "longest row in tokens; longer rows are cut")
@@ -84,21 +101,7 @@ class Settings(ModelSettings):
     sample_max_new_tokens: int = setting(200, "length budget of that answer")
 
 
-# Step 7. Load the data set
-def load_rows(dataset_name):
-    extension = os.path.splitext(dataset_name)[1].lower()
-    if extension in LOCAL_DATA_FORMATS:
-        if not os.path.isfile(dataset_name):
-            raise UserError(f"data set file '{dataset_name}' not found: check --dataset_name")
-        dataset = load_dataset(LOCAL_DATA_FORMATS[extension], data_files=dataset_name, split="train")
-    else:
-        dataset = load_dataset(dataset_name, split="train")
-    if "text" not in dataset.column_names:
-        raise UserError(
-            f"data set '{dataset_name}' has no 'text' column (its columns: {', '.join(dataset.column_names)}): "
-            "give each row its whole formatted conversation in a column named 'text'"
-        )
-    return dataset
+# Step 7. Load the data set: see data.py for the sources, shapes, rendering and the check
 
 
 # Step 8. Check the GPU: pick the compute dtype the tutorial tells the user to pick by hand
@@ -145,7 +148,7 @@ def make_lora_config(settings):
     )
 
 
-def make_training_config(settings, bf16):
+def make_training_config(settings, bf16, answers_only=False, has_eval=False):
     return SFTConfig(
         output_dir=settings.output_dir,
         num_train_epochs=settings.num_train_epochs,
@@ -169,18 +172,16 @@ def make_training_config(settings, bf16):
         max_length=settings.max_length,
         packing=settings.packing,
         dataset_text_field="text",
+        assistant_only_loss=answers_only,  # chat rows: loss on the {% generation %} parts of the template only
+        eval_strategy="steps" if has_eval else "no",  # every eval_steps, and once more at the last step
+        eval_steps=settings.eval_steps,
     )
 
 
 # Step 10. Train and save the adapter, then let it answer one question
-def llama2_prompt(question):
-    """A user turn in the format of the tutorial's rows: `<s>[INST] question [/INST]`."""
-    return f"<s>[INST] {question} [/INST]"
-
-
 def sample_answer(model, tokenizer, question, max_new_tokens):
-    # The prompt holds its own <s>: the tokenizer must not add a second one
-    inputs = tokenizer(llama2_prompt(question), return_tensors="pt", add_special_tokens=False).to(model.device)
+    # Rendered with the chat template the training rows were: the same tokens as a training prompt
+    inputs = data.prompt_inputs(tokenizer, question).to(model.device)
     model.eval()
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
@@ -190,24 +191,30 @@ def sample_answer(model, tokenizer, question, max_new_tokens):
 def main(argv=None):
     settings = parse_settings(Settings, argv)
     config = load_config(settings.model_name, settings.trust_remote_code)
+    tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
+    dataset = data.prepare_data(settings, tokenizer)  # stops here, with one line, on data nothing can be learnt from
+    if settings.check_data:
+        return dataset
     device_map = device_map_for(settings.model_name, config)
-    dataset = load_rows(settings.dataset_name)
 
     compute_dtype, bf16 = pick_precision(settings.precision)
     bnb_config = make_bnb_config(settings, compute_dtype)
     print(f"4-bit compute dtype: {compute_dtype}, trainer bf16: {bf16}, device: {device_map['']}")
 
     model = load_base_model(settings, bnb_config, device_map)
-    tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
     trainer = SFTTrainer(
         model=model,
-        args=make_training_config(settings, bf16),
-        train_dataset=dataset,
+        args=make_training_config(settings, bf16, dataset.answers_only, dataset.eval is not None),
+        train_dataset=dataset.train,
+        eval_dataset=dataset.eval,
         processing_class=tokenizer,
         peft_config=make_lora_config(settings),
     )
 
     trainer.train()
+    if dataset.eval is not None:
+        final_eval = next(entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry)
+        print(f"eval loss at step {final_eval['step']}: {final_eval['eval_loss']:.4f}")
     trainer.save_model(settings.new_model)  # the adapter (not the base model) and the tokenizer
     print(f"adapter saved to {settings.new_model}")
 
