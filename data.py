@@ -143,6 +143,8 @@ def load_local(path):
             where = parse_error(file)
             if where:
                 raise UserError(f"cannot read '{file}': {where}. Fix or remove that line") from None
+        if "corresponds to no data" in str(error):  # datasets' words for files that hold no rows
+            raise UserError(f"the data set '{path}' has no rows") from None
         cause = error.__cause__ or error
         first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UserError(f"cannot read the data in '{path}': {first_line}") from None
@@ -470,17 +472,19 @@ def format_report(report, shape, answers_only, max_length):
 
 # The eval split, the same for every script that reads the same settings
 def split_rows(rows, eval_fraction, seed):
-    """(train rows, eval rows): eval_fraction of the rows held out, shuffled with the seed; eval is None for 0."""
+    """(train rows, eval rows): eval_fraction of the rows (at least one) held out, shuffled with the seed; eval is
+    None for a fraction of 0."""
     if not 0 <= eval_fraction < 1:
         raise UserError(f"--eval_fraction {eval_fraction} must be at least 0 and below 1")
     if eval_fraction == 0:
         return rows, None
-    if round(eval_fraction * len(rows)) < 1 or len(rows) - math.ceil(eval_fraction * len(rows)) < 1:
+    held_out = max(1, round(eval_fraction * len(rows)))  # at least one row, so small sets get an eval loss too
+    if held_out >= len(rows):
         raise UserError(
-            f"--eval_fraction {eval_fraction} of {len(rows)} rows holds out no row or leaves none to train on: "
-            "change it, or give --eval_dataset"
+            f"--eval_fraction {eval_fraction} of {len(rows)} rows leaves no row to train on: "
+            "lower it, set it to 0, or give --eval_dataset"
         )
-    parts = rows.train_test_split(test_size=eval_fraction, seed=seed, shuffle=True)
+    parts = rows.train_test_split(test_size=held_out, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
 
 
