@@ -492,7 +492,11 @@ def load_splits(settings):
     """The raw (train, eval) rows the settings name: dataset_name, dataset_config, dataset_split, and eval_dataset
     (a split of the same Hub data set, or a second file, folder or Hub id) or else eval_fraction with eval_seed.
     Deterministic: the same settings give the same rows. eval is None when no eval set is asked for."""
-    rows = load_source(settings.dataset_name, settings.dataset_config, settings.dataset_split)
+    return eval_split(settings, load_source(settings.dataset_name, settings.dataset_config, settings.dataset_split))
+
+
+def eval_split(settings, rows):
+    """load_splits for rows already loaded from settings.dataset_name."""
     if not settings.eval_dataset:
         return split_rows(rows, settings.eval_fraction, settings.eval_seed)
     if is_split_name(settings.eval_dataset, settings.dataset_name):
@@ -520,8 +524,9 @@ def answers_only_for(shape, loss_on):
 def prepare_data(settings, tokenizer):
     """Step 7 in one call: load, detect the shape, render, hold out the eval rows, check, print the report.
     Rows with no token that carries loss are left out, as trl would after cutting them. Returns PreparedData."""
-    train_rows, eval_rows = load_splits(settings)
-    shape = detect_shape(train_rows.column_names, settings.text_column, settings.prompt_column, settings.response_column)
+    rows = load_source(settings.dataset_name, settings.dataset_config, settings.dataset_split)
+    shape = detect_shape(rows.column_names, settings.text_column, settings.prompt_column, settings.response_column)
+    train_rows, eval_rows = eval_split(settings, rows)
     answers_only = answers_only_for(shape, settings.loss_on)
     use_chat_template(tokenizer)
     train = rows_in_shape(train_rows, shape)

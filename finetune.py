@@ -191,11 +191,11 @@ def sample_answer(model, tokenizer, question, max_new_tokens):
 def main(argv=None):
     settings = parse_settings(Settings, argv)
     config = load_config(settings.model_name, settings.trust_remote_code)
+    device_map = None if settings.check_data else device_map_for(settings.model_name, config)  # the check needs no GPU
     tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
     dataset = data.prepare_data(settings, tokenizer)  # stops here, with one line, on data nothing can be learnt from
     if settings.check_data:
         return dataset
-    device_map = device_map_for(settings.model_name, config)
 
     compute_dtype, bf16 = pick_precision(settings.precision)
     bnb_config = make_bnb_config(settings, compute_dtype)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 from conftest import tiny_run_args, tutorial_rows, write_jsonl
+from test_pipeline import assert_one_line_error, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoTokenizer
 
@@ -105,6 +106,13 @@ def test_csv_row_with_extra_field_is_named(tmp_path):
     path.write_text("question,answer\nhi,hello\nhow,are,you\n")
     with pytest.raises(UserError, match=r"qa\.csv': line 3 has 3 fields"):
         data.load_source(str(path))
+
+
+def test_broken_file_stops_the_command_line_with_one_line(tiny_model, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a"}\n{"text": \n')
+    result = run_script("finetune.py", *tiny_run_args(tiny_model, str(path), tmp_path, "--check_data"))
+    assert_one_line_error(result, "rows.jsonl", "line 2")
 
 
 def test_folder_of_mixed_formats_is_refused(tmp_path):
