@@ -12,7 +12,6 @@ The adapter and tokenizer land in --new_model; `python merge_and_push.py` then m
 """
 
 # Step 1. Imports
-import os
 from dataclasses import dataclass
 
 import torch
