@@ -73,18 +73,22 @@ def count_parameters(config):
     return sum(p.numel() for p in model.parameters())
 
 
-def device_map_for(model_name, config):
-    """The tutorial's step 6: the whole model on one GPU, the one accelerate gives this process under `accelerate
-    launch` (GPU 0 in a plain run). Without CUDA, only a small model, on the CPU."""
+def check_model_fits_the_machine(model_name, config):
+    """Without CUDA only a small model can train (on the CPU): a bigger one stops here, before anything loads."""
     if torch.cuda.is_available():
-        return {"": PartialState().local_process_index}
+        return
     n_params = count_parameters(config)
     if n_params > CPU_MAX_PARAMS:
         raise UserError(
             f"'{model_name}' has {n_params / 1e9:.1f}B parameters and no CUDA GPU was found: a model this size needs "
             f"a CUDA GPU (the CPU path takes models up to {CPU_MAX_PARAMS / 1e9:.0f}B, for tests and smoke runs)."
         )
-    return {"": "cpu"}
+
+
+def device_map_for():
+    """The tutorial's step 6: the whole model on one GPU, the one accelerate gives this process under `accelerate
+    launch` (GPU 0 in a plain run); without CUDA, the CPU."""
+    return {"": PartialState().local_process_index} if torch.cuda.is_available() else {"": "cpu"}
 
 
 def load_tokenizer(name, trust_remote_code):

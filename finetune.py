@@ -3,7 +3,8 @@
 Steps 1-10 of the tutorial, top to bottom. Every setting below can be edited here or overridden on the command line:
 
     python finetune.py                                      # the tutorial's run: Llama-2-7b-chat on guanaco-llama2-1k
-    python finetune.py --dataset_name my_rows.jsonl         # your own rows: .jsonl, .json, .csv or .parquet, "text" column
+    python finetune.py --dataset_name my_rows.jsonl         # your own rows: .jsonl/.json/.csv/.tsv/.parquet or a folder
+    python finetune.py --dataset_name my_rows.jsonl --check_data   # check them first: no model weights are loaded
     python finetune.py --max_steps 20 --model_name ./my-model
     python finetune.py --help                               # every setting with its default
     accelerate launch --multi_gpu --num_processes 2 finetune.py   # on 2 GPUs, data-parallel (FSDP: see README)
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
@@ -34,9 +34,11 @@ from transformers.trainer_utils import SchedulerType, sort_checkpoints
 from transformers.training_args import OptimizerNames
 from trl import SFTConfig, SFTTrainer
 
+import data
 from common import (
     ModelSettings,
     UserError,
+    check_model_fits_the_machine,
     device_map_for,
     folder_written_whole,
     load_config,
@@ -46,15 +48,27 @@ from common import (
     setting,
 )
 
-LOCAL_DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
 
 @dataclass
 class Settings(ModelSettings):
     # Step 2. The data set (the base model and the new model's name are in common.ModelSettings)
     dataset_name: str = setting(
-        "mlabonne/guanaco-llama2-1k", "Hub data set id, or a local .jsonl/.json/.csv/.parquet file with a 'text' column"
+        "mlabonne/guanaco-llama2-1k",
+        "Hub data set id, or a local .jsonl/.json/.csv/.tsv/.parquet file or a folder of them; the shape (text, "
+        "messages, conversations, prompt/completion, instruction/input/output, question/answer) comes from the columns",
     )
+    dataset_config: str = setting("", "config name of a Hub data set that has several")
+    dataset_split: str = setting("train", "split of a Hub data set to train on")
+    text_column: str = setting("", "train on this column's ready-made text (for columns of other names)")
+    prompt_column: str = setting("", "with response_column: the column holding the user's turn")
+    response_column: str = setting("", "with prompt_column: the column holding the answer")
+    loss_on: str = setting(
+        "auto",
+        "tokens that carry loss. auto: the answers for rows that mark them (chat, prompt/completion, ...), the whole "
+        "text for ready-made text rows",
+        choices=["auto", "answers", "all"],
+    )
+    check_data: bool = setting(False, "load, render and check the data set, print what was found, and stop")
 
     # Step 3. LoRA
     lora_r: int = setting(64, "rank of the LoRA update matrices: larger learns more and costs more memory")
@@ -99,6 +113,12 @@ class Settings(ModelSettings):
     activation_offloading: bool = setting(False, "with gradient_checkpointing: keep saved activations in CPU memory")
     use_liger_kernel: bool = setting(False, "Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, cross-entropy)")
     torch_compile: bool = setting(False, "compile the model with torch.compile")
+    eval_dataset: str = setting(
+        "", "eval rows: a split of the Hub data set ('test'), or a second file, folder or Hub id (default: held out)"
+    )
+    eval_fraction: float = setting(0.05, "without eval_dataset: fraction of the rows held out for eval; 0 for none")
+    eval_seed: int = setting(42, "seed of the shuffle that picks the held-out rows")
+    eval_steps: int = setting(100, "compute the eval loss every N steps (and at the end)")
 
     # Step 6. SFT
     max_length: int = setting(1024, "longest row in tokens; longer rows are cut")
@@ -250,44 +270,7 @@ def checkpoint_to_resume(settings):
     return complete[-1]
 
 
-# Step 7. Load the data set
-def load_rows(dataset_name):
-    extension = os.path.splitext(dataset_name)[1].lower()
-    if extension in LOCAL_DATA_FORMATS:
-        if not os.path.isfile(dataset_name):
-            raise UserError(f"data set file '{dataset_name}' not found: check --dataset_name")
-        check_local_file(dataset_name, extension)
-        dataset = load_dataset(LOCAL_DATA_FORMATS[extension], data_files=dataset_name, split="train")
-    else:
-        try:
-            dataset = load_dataset(dataset_name, split="train")
-        except (ConnectionError, FileNotFoundError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
-            raise UserError(
-                f"cannot load the data set '{dataset_name}' ({str(error).splitlines()[0]}): check --dataset_name "
-                "(a Hub id, or a local .jsonl/.json/.csv/.parquet file) and your network"
-            ) from None
-    if "text" not in dataset.column_names:
-        raise UserError(
-            f"data set '{dataset_name}' has no 'text' column (its columns: {', '.join(dataset.column_names)}): "
-            "give each row its whole formatted conversation in a column named 'text'"
-        )
-    return dataset
-
-
-def check_local_file(path, extension):
-    """What datasets reports with a traceback and no line number: an empty file, a line of .jsonl that is no JSON."""
-    if not open(path, "rb").read(4096).strip():
-        raise UserError(f"data set file '{path}' is empty: give it one row per example, with a 'text' column")
-    if extension == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                try:
-                    line.strip() and json.loads(line)
-                except ValueError as error:
-                    raise UserError(
-                        f"data set file '{path}' line {number} is not valid JSON ({error}): fix or remove that "
-                        'line; each line is one object, such as {"text": "..."}'
-                    ) from None
+# Step 7. Load the data set: see data.py for the sources, shapes, rendering and the check
 
 
 # Step 8. Check the GPU: pick the compute dtype the tutorial tells the user to pick by hand
@@ -353,7 +336,7 @@ def parse_target_modules(names):
     return names if names == "all-linear" else [name.strip() for name in names.split(",")]
 
 
-def make_training_config(settings, bf16):
+def make_training_config(settings, bf16, answers_only=False, has_eval=False):
     return SFTConfig(
         output_dir=settings.output_dir,
         num_train_epochs=settings.num_train_epochs,
@@ -385,6 +368,9 @@ def make_training_config(settings, bf16):
         packing=settings.packing,
         padding_free=settings.padding_free,
         dataset_text_field="text",
+        assistant_only_loss=answers_only,  # chat rows: loss on the {% generation %} parts of the template only
+        eval_strategy="steps" if has_eval else "no",  # every eval_steps, and once more at the last step
+        eval_steps=settings.eval_steps,
         # Without CUDA, processes started by `accelerate launch` train together over gloo on the CPU; without this
         # each would silently train alone on all the rows
         use_cpu=not torch.cuda.is_available(),
@@ -400,14 +386,9 @@ def trainer_step(checkpoint):
         return json.load(f)["global_step"]
 
 
-def llama2_prompt(question):
-    """A user turn in the format of the tutorial's rows: `<s>[INST] question [/INST]`."""
-    return f"<s>[INST] {question} [/INST]"
-
-
 def sample_answer(model, tokenizer, question, max_new_tokens):
-    # The prompt holds its own <s>: the tokenizer must not add a second one
-    inputs = tokenizer(llama2_prompt(question), return_tensors="pt", add_special_tokens=False).to(model.device)
+    # Rendered with the chat template the training rows were: the same tokens as a training prompt
+    inputs = data.prompt_inputs(tokenizer, question).to(model.device)
     model.eval()
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
@@ -446,29 +427,34 @@ def main(argv=None, callbacks=()):
     """Runs steps 1-10; `callbacks` (TrainerCallback objects) let the benchmark time the steps."""
     settings = parse_settings(Settings, argv)
     check_settings(settings)
+    checkpoint = checkpoint_to_resume(settings)
+    config = load_config(settings.model_name, settings.trust_remote_code)
+    if not settings.check_data:  # the check needs no model weights and no GPU
+        check_model_fits_the_machine(settings.model_name, config)
+    tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
+    dataset = data.prepare_data(settings, tokenizer)  # stops here, with one line, on data nothing can be learnt from
+    if settings.check_data:
+        return dataset
+
     compute_dtype, bf16 = pick_precision(settings.precision)
-    # Made first: it sets up the processes `accelerate launch` started (the only one in a plain run), which the
-    # device map and the main-process checks below read
-    training_config = make_training_config(settings, bf16)
+    # Made before the device map: it sets up the processes `accelerate launch` started (the only one in a plain
+    # run), which the device map and the main-process checks below read
+    training_config = make_training_config(settings, bf16, dataset.answers_only, dataset.eval is not None)
     # Every process runs this function; only the main one prints, saves and answers (the trainer keeps its logs and
     # checkpoints to it too)
     is_main_process = PartialState().is_main_process
-    checkpoint = checkpoint_to_resume(settings)
-    config = load_config(settings.model_name, settings.trust_remote_code)
-    device_map = device_map_for(settings.model_name, config)
-    dataset = load_rows(settings.dataset_name)
-
+    device_map = device_map_for()
     bnb_config = make_bnb_config(settings, compute_dtype)
     if is_main_process:
         print(f"4-bit compute dtype: {compute_dtype}, trainer bf16: {bf16}, device: {device_map['']}")
 
     model = load_base_model(settings, bnb_config, device_map)
-    tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
     ctrl_c = SaveOnCtrlC()
     trainer = SFTTrainer(
         model=model,
         args=training_config,
-        train_dataset=dataset,
+        train_dataset=dataset.train,
+        eval_dataset=dataset.eval,
         processing_class=tokenizer,
         peft_config=make_lora_config(settings),
         callbacks=[ctrl_c, *callbacks],
@@ -487,6 +473,9 @@ def main(argv=None, callbacks=()):
             file=sys.stderr,
         )
         sys.exit(130)  # the shell's status for Ctrl-C: a script running this then merge_and_push.py stops here
+    if dataset.eval is not None and is_main_process:
+        final_eval = next(entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry)
+        print(f"eval loss at step {final_eval['step']}: {final_eval['eval_loss']:.4f}")
 
     # Every process calls save_model (under FSDP the adapter is gathered from all of them); only the main one writes,
     # and only it moves the finished folder into place

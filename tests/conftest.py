@@ -32,8 +32,11 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_model(folder):
     """A folder with a 2-layer Llama (random weights, safetensors) and a BPE tokenizer with <s>, </s> and <unk>."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()

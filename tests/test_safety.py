@@ -253,19 +253,19 @@ def test_unknown_hub_data_set_offline_is_one_line(tiny_model, tmp_path, capsys):
 def test_empty_data_file_is_one_line(tiny_model, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     args = tiny_run_args(tiny_model, str(tmp_path / "empty.jsonl"), tmp_path)
-    assert_refused(finetune, args, capsys, "empty.jsonl", "is empty")
+    assert_refused(finetune, args, capsys, "empty.jsonl", "has no rows")
 
 
 def test_malformed_json_line_names_its_line(tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": row} for row in tutorial_rows()[:2]])
     with open(data, "a") as f:
         f.write('{"text": "<s>[INST] unfinished\n')
-    assert_refused(finetune, tiny_run_args(tiny_model, data, tmp_path), capsys, "rows.jsonl", "line 3", "JSON")
+    assert_refused(finetune, tiny_run_args(tiny_model, data, tmp_path), capsys, "rows.jsonl", "line 3", "Fix or remove that line")
 
 
 def test_wrong_columns_are_one_line(tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "hi", "reply": "hello"}])
-    assert_refused(finetune, tiny_run_args(tiny_model, data, tmp_path), capsys, "qa.jsonl", "'text'", "question")
+    assert_refused(finetune, tiny_run_args(tiny_model, data, tmp_path), capsys, "question, reply", "--text_column")
 
 
 def test_bf16_forced_on_a_gpu_without_it_is_one_line(tiny_model, tutorial_data, tmp_path, monkeypatch, capsys):
@@ -291,7 +291,7 @@ def test_real_cli_prints_one_line_without_traceback(tiny_model, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "line 2 is not valid JSON" in errors[0]
+    assert len(errors) == 1 and "rows.jsonl': line 2," in errors[0]
 
 
 # merge_and_push.py: the adapter checked, the merged folder written whole and reused, the upload rerun
