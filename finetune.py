@@ -11,8 +11,11 @@ The adapter and tokenizer land in --new_model; `python merge_and_push.py` then m
 """
 
 # Step 1. Imports
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import torch
 from datasets import load_dataset
@@ -187,6 +190,35 @@ def sample_answer(model, tokenizer, question, max_new_tokens):
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+TRAINING_INFO = "training_info.json"
+LIBRARIES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "huggingface_hub"]
+
+
+def last_logged(log_history, key):
+    return next((entry[key] for entry in reversed(log_history) if key in entry), None)
+
+
+def save_training_info(trainer, settings, answer):
+    """What the model card needs, beside the adapter: the settings (there is no token among them), versions, time,
+    GPU, tokens seen, the trainer's log history and the sample answer merge_and_push.py prints beside its own."""
+    log_history = trainer.state.log_history
+    info = {
+        "settings": dataclasses.asdict(settings),
+        "versions": {name: version(name) for name in LIBRARIES},
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)",
+        "train_runtime_s": last_logged(log_history, "train_runtime"),
+        "global_step": trainer.state.global_step,
+        # trl logs the running token count; the trainer's own num_input_tokens_seen is off by default
+        "tokens_seen": last_logged(log_history, "num_tokens"),
+        "final_train_loss": last_logged(log_history, "loss"),
+        "final_eval_loss": last_logged(log_history, "eval_loss"),
+        "log_history": log_history,
+        "sample": {"prompt": settings.sample_prompt, "answer": answer},
+    }
+    with open(os.path.join(settings.new_model, TRAINING_INFO), "w") as f:
+        json.dump(info, f, indent=2)
+
+
 def main(argv=None):
     settings = parse_settings(Settings, argv)
     config = load_config(settings.model_name, settings.trust_remote_code)
@@ -213,6 +245,7 @@ def main(argv=None):
 
     answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
     print(f"{settings.sample_prompt}\n>>> {answer}")
+    save_training_info(trainer, settings, answer)
     return trainer
 
 
