@@ -6,7 +6,8 @@ Steps 11-12 of the tutorial. Every setting below can be edited here or overridde
     python merge_and_push.py --no_push                        # merge and save locally only
     python merge_and_push.py --help                           # every setting with its default
 
-The merged model is saved to --merged_dir first, then that folder is uploaded.
+The merged model is saved to --merged_dir first, checked against base + adapter (verification.json), given a model
+card (README.md, training_loss.png), and only then is that folder uploaded.
 """
 
 import dataclasses
