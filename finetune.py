@@ -202,14 +202,14 @@ def save_training_info(trainer, settings, answer):
     """What the model card needs, beside the adapter: the settings (there is no token among them), versions, time,
     GPU, tokens seen, the trainer's log history and the sample answer merge_and_push.py prints beside its own."""
     log_history = trainer.state.log_history
+    tokens_seen = last_logged(log_history, "num_tokens")  # trl's running count; the trainer's own is off by default
     info = {
         "settings": dataclasses.asdict(settings),
         "versions": {name: version(name) for name in LIBRARIES},
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)",
         "train_runtime_s": last_logged(log_history, "train_runtime"),
         "global_step": trainer.state.global_step,
-        # trl logs the running token count; the trainer's own num_input_tokens_seen is off by default
-        "tokens_seen": last_logged(log_history, "num_tokens"),
+        "tokens_seen": None if tokens_seen is None else int(tokens_seen),
         "final_train_loss": last_logged(log_history, "loss"),
         "final_eval_loss": last_logged(log_history, "eval_loss"),
         "log_history": log_history,
