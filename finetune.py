@@ -14,6 +14,7 @@ After a crash or Ctrl-C, rerun the same command: it resumes from the newest chec
 """
 
 # Step 1. Imports
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -22,6 +23,7 @@ import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import torch
 from accelerate import PartialState
@@ -423,6 +425,38 @@ class SaveOnCtrlC(TrainerCallback):
             control.should_training_stop = True
 
 
+TRAINING_INFO = "training_info.json"
+LIBRARIES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "huggingface_hub"]
+
+
+def last_logged(log_history, key):
+    return next((entry[key] for entry in reversed(log_history) if key in entry), None)
+
+
+def save_training_info(trainer, settings, answer):
+    """What the model card needs, beside the adapter: the settings (there is no token among them), versions, time,
+    GPU, tokens seen, the trainer's log history and the sample answer merge_and_push.py prints beside its own."""
+    log_history = trainer.state.log_history
+    tokens_seen = last_logged(log_history, "num_tokens")  # trl's running count; the trainer's own is off by default
+    info = {
+        "settings": dataclasses.asdict(settings),
+        "versions": {name: version(name) for name in LIBRARIES},
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)",
+        "train_runtime_s": last_logged(log_history, "train_runtime"),
+        "global_step": trainer.state.global_step,
+        "tokens_seen": None if tokens_seen is None else int(tokens_seen),
+        "final_train_loss": last_logged(log_history, "loss"),
+        "final_eval_loss": last_logged(log_history, "eval_loss"),
+        "log_history": log_history,
+        "sample": {"prompt": settings.sample_prompt, "answer": answer},
+    }
+    path = os.path.join(settings.new_model, TRAINING_INFO)
+    with open(f"{path}.partial", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(f"{path}.partial", path)  # whole or not at all, like the adapter beside it
+
+
+
 def main(argv=None, callbacks=()):
     """Runs steps 1-10; `callbacks` (TrainerCallback objects) let the benchmark time the steps."""
     settings = parse_settings(Settings, argv)
@@ -483,12 +517,14 @@ def main(argv=None, callbacks=()):
         trainer.save_model(folder)  # the adapter (not the base model) and the tokenizer
     if is_main_process:
         print(f"adapter saved to {settings.new_model}")
+        answer = None
         if under_fsdp():
             # Each GPU holds a shard of the model: generating would need every process in step with the main one
             print("no sample answer under FSDP (the model is sharded across the GPUs): try the merged model instead")
         elif settings.sample_max_new_tokens > 0:
             answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
             print(f"{settings.sample_prompt}\n>>> {answer}")
+        save_training_info(trainer, settings, answer)
     return trainer
 
 
