@@ -45,6 +45,9 @@ class Settings(ModelSettings):
     lora_r: int = setting(64, "rank of the LoRA update matrices: larger learns more and costs more memory")
     lora_alpha: int = setting(16, "LoRA scaling: the update is multiplied by lora_alpha / lora_r")
     lora_dropout: float = setting(0.1, "dropout on the LoRA layers' input")
+    lora_target_modules: str = setting(
+        "", "layers that get LoRA: comma-separated names, 'all-linear', or empty for peft's default (q_proj,v_proj on Llama)"
+    )
 
     # Step 4. bitsandbytes
     use_4bit: bool = setting(True, "load the base model quantized to 4 bits (QLoRA)")
@@ -74,14 +77,24 @@ class Settings(ModelSettings):
     save_steps: int = setting(0, "save a checkpoint every N steps; 0 saves none (the tutorial)")
     logging_steps: int = setting(25, "log the loss every N steps")
     report_to: str = setting("tensorboard", "where logs go: tensorboard, none, wandb, ...")
+    checkpoint_every_n_layers: int = setting(
+        1, "with gradient_checkpointing: recompute only every n-th layer (more memory, faster)"
+    )
+    activation_offloading: bool = setting(False, "with gradient_checkpointing: keep saved activations in CPU memory")
+    use_liger_kernel: bool = setting(False, "Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, cross-entropy)")
+    torch_compile: bool = setting(False, "compile the model with torch.compile")
 
     # Step 6. SFT
     max_length: int = setting(1024, "longest row in tokens; longer rows are cut")
     packing: bool = setting(False, "pack several short rows into one sequence")
+    padding_free: bool = setting(False, "batch rows end to end with no padding (packing implies it)")
+    attn_implementation: str = setting(
+        "sdpa", "attention kernel; flex_attention keeps packed rows apart on the GPU", choices=["sdpa", "flex_attention", "eager"]
+    )
 
     # After training: the answer printed to check the adapter
     sample_prompt: str = setting("What is a large language model?", "question answered after training")
-    sample_max_new_tokens: int = setting(200, "length budget of that answer")
+    sample_max_new_tokens: int = setting(200, "length budget of that answer; 0 skips it")
 
 
 # Step 7. Load the data set
@@ -130,6 +143,7 @@ def load_base_model(settings, bnb_config, device_map):
         device_map=device_map,
         trust_remote_code=settings.trust_remote_code,
         use_safetensors=True,
+        attn_implementation=settings.attn_implementation,
     )
     model.config.use_cache = False  # the cache is useless while training and conflicts with gradient checkpointing
     return model
@@ -142,7 +156,14 @@ def make_lora_config(settings):
         lora_dropout=settings.lora_dropout,
         bias="none",
         task_type="CAUSAL_LM",
+        target_modules=parse_target_modules(settings.lora_target_modules),
     )
+
+
+def parse_target_modules(names):
+    if not names:
+        return None  # peft picks the architecture's default
+    return names if names == "all-linear" else [name.strip() for name in names.split(",")]
 
 
 def make_training_config(settings, bf16):
@@ -152,6 +173,12 @@ def make_training_config(settings, bf16):
         per_device_train_batch_size=settings.per_device_train_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         activation_checkpointing=settings.gradient_checkpointing,  # transformers 5's name for it
+        activation_checkpointing_kwargs={
+            "every_n_layers": settings.checkpoint_every_n_layers,
+            "offload": settings.activation_offloading,
+        },
+        use_liger_kernel=settings.use_liger_kernel,
+        torch_compile=settings.torch_compile,
         max_grad_norm=settings.max_grad_norm,
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
@@ -168,6 +195,7 @@ def make_training_config(settings, bf16):
         fp16=False,
         max_length=settings.max_length,
         packing=settings.packing,
+        padding_free=settings.padding_free,
         dataset_text_field="text",
     )
 
@@ -187,7 +215,8 @@ def sample_answer(model, tokenizer, question, max_new_tokens):
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """Runs steps 1-10; `callbacks` (TrainerCallback objects) let the benchmark time the steps."""
     settings = parse_settings(Settings, argv)
     config = load_config(settings.model_name, settings.trust_remote_code)
     device_map = device_map_for(settings.model_name, config)
@@ -205,14 +234,16 @@ def main(argv=None):
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=make_lora_config(settings),
+        callbacks=list(callbacks),
     )
 
     trainer.train()
     trainer.save_model(settings.new_model)  # the adapter (not the base model) and the tokenizer
     print(f"adapter saved to {settings.new_model}")
 
-    answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
-    print(f"{settings.sample_prompt}\n>>> {answer}")
+    if settings.sample_max_new_tokens > 0:
+        answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
+        print(f"{settings.sample_prompt}\n>>> {answer}")
     return trainer
 
 
