@@ -1,10 +1,14 @@
 """What finetune.py and merge_and_push.py share: the settings they both name, the command line, the tokenizer
 set-up, the choice of device, and the one-line error a user sees instead of a traceback."""
 
+import os
+import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 # Bigger models are refused on a machine without CUDA: the CPU path is for tests and smoke runs, and a 7B model in
@@ -41,12 +45,15 @@ def parse_settings(settings_class, argv=None):
 
 
 def run_cli(main):
-    """Runs main() and turns a UserError into one line on stderr and exit status 2."""
+    """Runs main() and turns a UserError into one line on stderr and exit status 2, Ctrl-C into one line and 130."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
 
 
 def load_config(model_name, trust_remote_code):
@@ -66,17 +73,22 @@ def count_parameters(config):
     return sum(p.numel() for p in model.parameters())
 
 
-def device_map_for(model_name, config):
-    """The tutorial's step 6: the whole model on GPU 0. Without CUDA, only a small model, on the CPU."""
+def check_model_fits_the_machine(model_name, config):
+    """Without CUDA only a small model can train (on the CPU): a bigger one stops here, before anything loads."""
     if torch.cuda.is_available():
-        return {"": 0}
+        return
     n_params = count_parameters(config)
     if n_params > CPU_MAX_PARAMS:
         raise UserError(
             f"'{model_name}' has {n_params / 1e9:.1f}B parameters and no CUDA GPU was found: a model this size needs "
             f"a CUDA GPU (the CPU path takes models up to {CPU_MAX_PARAMS / 1e9:.0f}B, for tests and smoke runs)."
         )
-    return {"": "cpu"}
+
+
+def device_map_for():
+    """The tutorial's step 6: the whole model on one GPU, the one accelerate gives this process under `accelerate
+    launch` (GPU 0 in a plain run); without CUDA, the CPU."""
+    return {"": PartialState().local_process_index} if torch.cuda.is_available() else {"": "cpu"}
 
 
 def load_tokenizer(name, trust_remote_code):
@@ -85,3 +97,26 @@ def load_tokenizer(name, trust_remote_code):
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # the tutorial: "fix weird overflow issue with fp16 training"
     return tokenizer
+
+
+@contextmanager
+def folder_written_whole(path, main_process=True):
+    """Yields a fresh folder beside `path` to write into; when the block ends without an error, that folder takes
+    `path`'s place by renames. A crash mid-write leaves `<path>.partial`, never a half-written `path`, so the next
+    script never reads half a model. Whether an existing `path` may be replaced is the caller's question to ask.
+    The other processes of a multi-process run get the same folder's name and leave the folder to the main one."""
+    path = path.rstrip("/")
+    partial, old = f"{path}.partial", f"{path}.old"
+    if not main_process:
+        yield partial
+        return
+    shutil.rmtree(partial, ignore_errors=True)  # what a crashed earlier write left
+    os.makedirs(partial)
+    yield partial
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)  # a directory cannot be os.replace()d over a non-empty one: step it aside first
+        os.rename(partial, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, path)

@@ -3,27 +3,44 @@
 Steps 1-10 of the tutorial, top to bottom. Every setting below can be edited here or overridden on the command line:
 
     python finetune.py                                      # the tutorial's run: Llama-2-7b-chat on guanaco-llama2-1k
-    python finetune.py --dataset_name my_rows.jsonl         # your own rows: .jsonl, .json, .csv or .parquet, "text" column
+    python finetune.py --dataset_name my_rows.jsonl         # your own rows: .jsonl/.json/.csv/.tsv/.parquet or a folder
+    python finetune.py --dataset_name my_rows.jsonl --check_data   # check them first: no model weights are loaded
     python finetune.py --max_steps 20 --model_name ./my-model
     python finetune.py --help                               # every setting with its default
+    accelerate launch --multi_gpu --num_processes 2 finetune.py   # on 2 GPUs, data-parallel (FSDP: see README)
 
 The adapter and tokenizer land in --new_model; `python merge_and_push.py` then merges and publishes them.
+After a crash or Ctrl-C, rerun the same command: it resumes from the newest checkpoint in --output_dir.
 """
 
 # Step 1. Imports
+import difflib
+import hashlib
+import json
 import os
+import signal
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from datasets import load_dataset
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import SchedulerType, sort_checkpoints
+from transformers.training_args import OptimizerNames
 from trl import SFTConfig, SFTTrainer
 
+import data
 from common import (
     ModelSettings,
     UserError,
+    check_model_fits_the_machine,
     device_map_for,
+    folder_written_whole,
     load_config,
     load_tokenizer,
     parse_settings,
@@ -31,15 +48,27 @@ from common import (
     setting,
 )
 
-LOCAL_DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
 
 @dataclass
 class Settings(ModelSettings):
     # Step 2. The data set (the base model and the new model's name are in common.ModelSettings)
     dataset_name: str = setting(
-        "mlabonne/guanaco-llama2-1k", "Hub data set id, or a local .jsonl/.json/.csv/.parquet file with a 'text' column"
+        "mlabonne/guanaco-llama2-1k",
+        "Hub data set id, or a local .jsonl/.json/.csv/.tsv/.parquet file or a folder of them; the shape (text, "
+        "messages, conversations, prompt/completion, instruction/input/output, question/answer) comes from the columns",
     )
+    dataset_config: str = setting("", "config name of a Hub data set that has several")
+    dataset_split: str = setting("train", "split of a Hub data set to train on")
+    text_column: str = setting("", "train on this column's ready-made text (for columns of other names)")
+    prompt_column: str = setting("", "with response_column: the column holding the user's turn")
+    response_column: str = setting("", "with prompt_column: the column holding the answer")
+    loss_on: str = setting(
+        "auto",
+        "tokens that carry loss. auto: the answers for rows that mark them (chat, prompt/completion, ...), the whole "
+        "text for ready-made text rows",
+        choices=["auto", "answers", "all"],
+    )
+    check_data: bool = setting(False, "load, render and check the data set, print what was found, and stop")
 
     # Step 3. LoRA
     lora_r: int = setting(64, "rank of the LoRA update matrices: larger learns more and costs more memory")
@@ -74,7 +103,8 @@ class Settings(ModelSettings):
     max_steps: int = setting(-1, "stop after this many steps; -1 runs num_train_epochs")
     warmup_ratio: float = setting(0.03, "fraction of the steps spent warming the learning rate up from 0")
     group_by_length: bool = setting(True, "batch rows of similar length together: less padding")
-    save_steps: int = setting(0, "save a checkpoint every N steps; 0 saves none (the tutorial)")
+    save_steps: float = setting(0.1, "save a checkpoint every N steps (below 1: that fraction of the run; 0: none)")
+    save_total_limit: int = setting(3, "checkpoints kept in output_dir: older ones are deleted")
     logging_steps: int = setting(25, "log the loss every N steps")
     report_to: str = setting("tensorboard", "where logs go: tensorboard, none, wandb, ...")
     checkpoint_every_n_layers: int = setting(
@@ -83,6 +113,12 @@ class Settings(ModelSettings):
     activation_offloading: bool = setting(False, "with gradient_checkpointing: keep saved activations in CPU memory")
     use_liger_kernel: bool = setting(False, "Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, cross-entropy)")
     torch_compile: bool = setting(False, "compile the model with torch.compile")
+    eval_dataset: str = setting(
+        "", "eval rows: a split of the Hub data set ('test'), or a second file, folder or Hub id (default: held out)"
+    )
+    eval_fraction: float = setting(0.05, "without eval_dataset: fraction of the rows held out for eval; 0 for none")
+    eval_seed: int = setting(42, "seed of the shuffle that picks the held-out rows")
+    eval_steps: int = setting(100, "compute the eval loss every N steps (and at the end)")
 
     # Step 6. SFT
     max_length: int = setting(1024, "longest row in tokens; longer rows are cut")
@@ -96,22 +132,145 @@ class Settings(ModelSettings):
     sample_prompt: str = setting("What is a large language model?", "question answered after training")
     sample_max_new_tokens: int = setting(200, "length budget of that answer; 0 skips it")
 
+    # Saving: an adapter an earlier run left in new_model is only replaced when asked
+    overwrite_adapter: bool = setting(False, "replace an adapter already in the new_model folder")
 
-# Step 7. Load the data set
-def load_rows(dataset_name):
-    extension = os.path.splitext(dataset_name)[1].lower()
-    if extension in LOCAL_DATA_FORMATS:
-        if not os.path.isfile(dataset_name):
-            raise UserError(f"data set file '{dataset_name}' not found: check --dataset_name")
-        dataset = load_dataset(LOCAL_DATA_FORMATS[extension], data_files=dataset_name, split="train")
-    else:
-        dataset = load_dataset(dataset_name, split="train")
-    if "text" not in dataset.column_names:
+
+# Before anything is loaded: settings that cannot work stop here, with the fix
+MUST_BE_POSITIVE = [
+    "lora_r",
+    "lora_alpha",
+    "max_length",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "logging_steps",
+    "save_total_limit",
+    "checkpoint_every_n_layers",
+]
+
+
+def check_settings(settings):
+    for name in MUST_BE_POSITIVE:
+        if getattr(settings, name) <= 0:
+            default = Settings.__dataclass_fields__[name].default
+            raise UserError(f"--{name} must be above 0 (got {getattr(settings, name)}); the default is {default}")
+    if settings.sample_max_new_tokens < 0:
+        raise UserError(f"--sample_max_new_tokens must be 0 (no sample answer) or more (got {settings.sample_max_new_tokens})")
+    if settings.max_steps == 0 or settings.max_steps < -1:
+        raise UserError(f"--max_steps must be above 0, or -1 to run --num_train_epochs (got {settings.max_steps})")
+    if settings.max_steps == -1 and settings.num_train_epochs <= 0:
+        raise UserError(f"--num_train_epochs must be above 0 (got {settings.num_train_epochs})")
+    for name in ("lora_dropout", "warmup_ratio"):
+        if not 0 <= getattr(settings, name) < 1:
+            raise UserError(f"--{name} must be at least 0 and below 1 (got {getattr(settings, name)})")
+    if settings.save_steps < 0 or (settings.save_steps > 1 and settings.save_steps != int(settings.save_steps)):
         raise UserError(
-            f"data set '{dataset_name}' has no 'text' column (its columns: {', '.join(dataset.column_names)}): "
-            "give each row its whole formatted conversation in a column named 'text'"
+            "--save_steps must be 0 (no checkpoints), a fraction of the run below 1, or a whole number of steps "
+            f"(got {settings.save_steps})"
         )
-    return dataset
+    check_name("optim", settings.optim, [name.value for name in OptimizerNames])
+    check_name("lr_scheduler_type", settings.lr_scheduler_type, [name.value for name in SchedulerType])
+    check_report_to(settings.report_to)
+    if settings.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"--precision bf16: this GPU ({torch.cuda.get_device_name(0)}) does not support bf16: "
+            "use --precision auto (fp16 on this GPU) or --precision fp16"
+        )
+    if os.path.isdir(settings.new_model) and os.listdir(settings.new_model) and not settings.overwrite_adapter:
+        raise UserError(
+            f"the adapter folder '{settings.new_model}' already holds files (an earlier run's adapter?): pass "
+            "--overwrite_adapter to replace it at the end of this run, or choose another --new_model"
+        )
+
+
+def check_report_to(report_to):
+    """A typo, or a logger that is not installed, would otherwise stop the run only once the model is loaded."""
+    installed = get_available_reporting_integrations()
+    for name in report_to.split(","):
+        name = name.strip()
+        check_name("report_to", name, ["none", "all", *INTEGRATION_TO_CALLBACK])
+        # transformers can tell whether each is installed, except these two
+        if name not in ("none", "all", "flyte", "kubeflow", *installed):
+            raise UserError(
+                f"--report_to {name}: the {name} package is not installed: install it, or pass --report_to "
+                "tensorboard or --report_to none"
+            )
+
+
+def check_name(option, value, known):
+    if value not in known:
+        close = difflib.get_close_matches(value, known, n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(known)}"
+        raise UserError(f"unknown --{option} '{value}': {hint}")
+
+
+# Resuming: a rerun continues from the newest checkpoint in output_dir when that checkpoint is the same run's.
+# These settings decide what the checkpoints hold and which rows step N trains on: with any of them changed, resuming
+# would silently mix two runs. They are all that is written there: no token is a setting.
+RUN_SETTINGS_FILE = "run_settings.json"
+RUN_KEYS = [
+    "model_name",
+    "dataset_name",
+    "lora_r",
+    "lora_alpha",
+    "use_4bit",
+    "bnb_4bit_quant_type",
+    "lora_target_modules",
+    "max_length",
+    "packing",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+]
+
+
+def run_settings(settings):
+    keys = {key: getattr(settings, key) for key in RUN_KEYS}
+    if os.path.isfile(settings.dataset_name):  # a local file edited since is another data set under the same name
+        with open(settings.dataset_name, "rb") as f:
+            keys["dataset_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return keys
+
+
+def save_run_settings(settings):
+    os.makedirs(settings.output_dir, exist_ok=True)
+    path = os.path.join(settings.output_dir, RUN_SETTINGS_FILE)
+    with open(f"{path}.partial", "w") as f:
+        json.dump(run_settings(settings), f, indent=1)
+    os.replace(f"{path}.partial", path)
+
+
+def checkpoint_to_resume(settings):
+    """The newest complete checkpoint in output_dir, or None; refuses one that a run with other settings made."""
+    if not os.path.isdir(settings.output_dir):
+        return None
+    # Not transformers' get_last_checkpoint: it would pick a checkpoint cut off while being saved. The trainer writes
+    # trainer_state.json last, so a checkpoint that has it is complete.
+    checkpoints = sort_checkpoints(settings.output_dir)
+    complete = [path for path in checkpoints if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME))]
+    if not complete:
+        return None
+    try:
+        with open(os.path.join(settings.output_dir, RUN_SETTINGS_FILE)) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        before = {}
+    now = run_settings(settings)
+    changed = [
+        f"{key} {before.get(key, '(not recorded)')} then, {now[key]} now"
+        for key in now if before.get(key) != now[key]
+    ]
+    if changed:
+        raise UserError(
+            f"'{settings.output_dir}' holds checkpoints of a run with other settings ({'; '.join(changed)}): rerun "
+            "with that run's settings to resume it, or start fresh with another --output_dir (or delete that folder)"
+        )
+    return complete[-1]
+
+
+# Step 7. Load the data set: see data.py for the sources, shapes, rendering and the check
 
 
 # Step 8. Check the GPU: pick the compute dtype the tutorial tells the user to pick by hand
@@ -126,12 +285,20 @@ def pick_precision(precision):
     return (torch.float16 if precision == "fp16" else torch.float32), False
 
 
+def under_fsdp():
+    """True under `accelerate launch` with an FSDP config (configs/fsdp_qlora.yaml): the flag accelerate reads."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
 def make_bnb_config(settings, compute_dtype):
     return BitsAndBytesConfig(
         load_in_4bit=settings.use_4bit,
         bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=settings.use_nested_quant,
+        # FSDP shards floating-point tensors only: stored as the compute dtype, the packed 4-bit weights shard across
+        # the GPUs like the rest of the model (uint8, bitsandbytes' default, would stay whole on every GPU)
+        bnb_4bit_quant_storage=compute_dtype if under_fsdp() else torch.uint8,
     )
 
 
@@ -141,6 +308,9 @@ def load_base_model(settings, bnb_config, device_map):
         settings.model_name,
         quantization_config=bnb_config,
         device_map=device_map,
+        # FSDP flattens each wrapped block into one tensor of one dtype: the unquantized weights (norms, embeddings)
+        # must share the 4-bit weights' storage dtype. Otherwise the checkpoint's own dtype, as before.
+        dtype=bnb_config.bnb_4bit_quant_storage if under_fsdp() else "auto",
         trust_remote_code=settings.trust_remote_code,
         use_safetensors=True,
         attn_implementation=settings.attn_implementation,
@@ -166,7 +336,7 @@ def parse_target_modules(names):
     return names if names == "all-linear" else [name.strip() for name in names.split(",")]
 
 
-def make_training_config(settings, bf16):
+def make_training_config(settings, bf16, answers_only=False, has_eval=False):
     return SFTConfig(
         output_dir=settings.output_dir,
         num_train_epochs=settings.num_train_epochs,
@@ -189,6 +359,7 @@ def make_training_config(settings, bf16):
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         save_strategy="steps" if settings.save_steps > 0 else "no",
         save_steps=settings.save_steps if settings.save_steps > 0 else 500,
+        save_total_limit=settings.save_total_limit,
         logging_steps=settings.logging_steps,
         report_to=settings.report_to,
         bf16=bf16,
@@ -197,53 +368,127 @@ def make_training_config(settings, bf16):
         packing=settings.packing,
         padding_free=settings.padding_free,
         dataset_text_field="text",
+        assistant_only_loss=answers_only,  # chat rows: loss on the {% generation %} parts of the template only
+        eval_strategy="steps" if has_eval else "no",  # every eval_steps, and once more at the last step
+        eval_steps=settings.eval_steps,
+        # Without CUDA, processes started by `accelerate launch` train together over gloo on the CPU; without this
+        # each would silently train alone on all the rows
+        use_cpu=not torch.cuda.is_available(),
+        # Every LoRA weight takes part in every step; the trainer cannot tell for a peft model and would otherwise make
+        # DDP search the autograd graph for unused weights at each step
+        ddp_find_unused_parameters=False,
     )
 
 
 # Step 10. Train and save the adapter, then let it answer one question
-def llama2_prompt(question):
-    """A user turn in the format of the tutorial's rows: `<s>[INST] question [/INST]`."""
-    return f"<s>[INST] {question} [/INST]"
+def trainer_step(checkpoint):
+    with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as f:
+        return json.load(f)["global_step"]
 
 
 def sample_answer(model, tokenizer, question, max_new_tokens):
-    # The prompt holds its own <s>: the tokenizer must not add a second one
-    inputs = tokenizer(llama2_prompt(question), return_tensors="pt", add_special_tokens=False).to(model.device)
+    # Rendered with the chat template the training rows were: the same tokens as a training prompt
+    inputs = data.prompt_inputs(tokenizer, question).to(model.device)
     model.eval()
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+class SaveOnCtrlC(TrainerCallback):
+    """Ctrl-C asks the trainer to save a checkpoint at the end of the current step and stop: the trainer's own
+    checkpoint (adapter, optimizer, scheduler, RNG state), the one a rerun resumes from. A second Ctrl-C stops at
+    once, as Python's default handler does."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def listening(self):
+        previous = signal.signal(signal.SIGINT, self.request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # os.write, not print: a signal handler that prints can land in the middle of the progress bar's own print
+        os.write(2, b"\nCtrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again: stop now)\n")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
 def main(argv=None, callbacks=()):
     """Runs steps 1-10; `callbacks` (TrainerCallback objects) let the benchmark time the steps."""
     settings = parse_settings(Settings, argv)
+    check_settings(settings)
+    checkpoint = checkpoint_to_resume(settings)
     config = load_config(settings.model_name, settings.trust_remote_code)
-    device_map = device_map_for(settings.model_name, config)
-    dataset = load_rows(settings.dataset_name)
+    if not settings.check_data:  # the check needs no model weights and no GPU
+        check_model_fits_the_machine(settings.model_name, config)
+    tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
+    dataset = data.prepare_data(settings, tokenizer)  # stops here, with one line, on data nothing can be learnt from
+    if settings.check_data:
+        return dataset
 
     compute_dtype, bf16 = pick_precision(settings.precision)
+    # Made before the device map: it sets up the processes `accelerate launch` started (the only one in a plain
+    # run), which the device map and the main-process checks below read
+    training_config = make_training_config(settings, bf16, dataset.answers_only, dataset.eval is not None)
+    # Every process runs this function; only the main one prints, saves and answers (the trainer keeps its logs and
+    # checkpoints to it too)
+    is_main_process = PartialState().is_main_process
+    device_map = device_map_for()
     bnb_config = make_bnb_config(settings, compute_dtype)
-    print(f"4-bit compute dtype: {compute_dtype}, trainer bf16: {bf16}, device: {device_map['']}")
+    if is_main_process:
+        print(f"4-bit compute dtype: {compute_dtype}, trainer bf16: {bf16}, device: {device_map['']}")
 
     model = load_base_model(settings, bnb_config, device_map)
-    tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
+    ctrl_c = SaveOnCtrlC()
     trainer = SFTTrainer(
         model=model,
-        args=make_training_config(settings, bf16),
-        train_dataset=dataset,
+        args=training_config,
+        train_dataset=dataset.train,
+        eval_dataset=dataset.eval,
         processing_class=tokenizer,
         peft_config=make_lora_config(settings),
-        callbacks=list(callbacks),
+        callbacks=[ctrl_c, *callbacks],
     )
 
-    trainer.train()
-    trainer.save_model(settings.new_model)  # the adapter (not the base model) and the tokenizer
-    print(f"adapter saved to {settings.new_model}")
+    if is_main_process:
+        save_run_settings(settings)
+    if checkpoint:
+        print(f"resuming from {checkpoint} (step {trainer_step(checkpoint)}): the same settings' earlier run")
+    with ctrl_c.listening():
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if ctrl_c.requested:
+        print(
+            f"stopped: checkpoint of step {trainer.state.global_step} saved in {settings.output_dir}. "
+            "Run the same command again to resume from it",
+            file=sys.stderr,
+        )
+        sys.exit(130)  # the shell's status for Ctrl-C: a script running this then merge_and_push.py stops here
+    if dataset.eval is not None and is_main_process:
+        final_eval = next(entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry)
+        print(f"eval loss at step {final_eval['step']}: {final_eval['eval_loss']:.4f}")
 
-    if settings.sample_max_new_tokens > 0:
-        answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
-        print(f"{settings.sample_prompt}\n>>> {answer}")
+    # Every process calls save_model (under FSDP the adapter is gathered from all of them); only the main one writes,
+    # and only it moves the finished folder into place
+    with folder_written_whole(settings.new_model, main_process=is_main_process) as folder:
+        trainer.save_model(folder)  # the adapter (not the base model) and the tokenizer
+    if is_main_process:
+        print(f"adapter saved to {settings.new_model}")
+        if under_fsdp():
+            # Each GPU holds a shard of the model: generating would need every process in step with the main one
+            print("no sample answer under FSDP (the model is sharded across the GPUs): try the merged model instead")
+        elif settings.sample_max_new_tokens > 0:
+            answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
+            print(f"{settings.sample_prompt}\n>>> {answer}")
     return trainer
 
 

@@ -114,7 +114,7 @@ def run_config(name, overrides, warmup, timed, ckpt, data, workdir, data_stats, 
     argv = [
         "--model_name", ckpt, "--dataset_name", data, "--output_dir", os.path.join(workdir, name),
         "--new_model", os.path.join(workdir, name, "adapter"), "--max_length", str(MAX_LENGTH),
-        "--logging_steps", "1", "--report_to", "none", "--sample_max_new_tokens", "0",
+        "--logging_steps", "1", "--report_to", "none", "--sample_max_new_tokens", "0", "--save_steps", "0", "--eval_fraction", "0",
         "--max_steps", "-1" if epoch else str(warmup + timed), *overrides,
     ]  # fmt: skip
     timer = StepTimer()

@@ -4,14 +4,16 @@ import json
 import os
 import sys
 
-import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# Before huggingface_hub is imported: it reads HF_HUB_OFFLINE once, at import
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def tutorial_rows():
@@ -30,8 +32,11 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_model(folder):
     """A folder with a 2-layer Llama (random weights, safetensors) and a BPE tokenizer with <s>, </s> and <unk>."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
