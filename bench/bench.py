@@ -38,6 +38,7 @@ ALL = ["--lora_target_modules", "all-linear"]
 # name -> (finetune.py overrides, warm-up steps, timed steps). Liger patches transformers' Llama classes for the
 # whole process, so the configurations with it come last.
 CONFIGS = {
+    "default": (["--gpu_recipe", "auto"], 6, 12),  # finetune.py as a user runs it: the recipe for this GPU
     "tutorial": (["--precision", "fp16"], 5, 40),
     "bf16": (BF16, 5, 40),
     "bf16_all_linear": (BF16 + ALL, 5, 40),
@@ -111,10 +112,11 @@ def flops_per_token(trainable, mean_length):
 
 
 def run_config(name, overrides, warmup, timed, ckpt, data, workdir, data_stats, epoch=False):
+    run = f"{name}_epoch" if epoch else name
     argv = [
-        "--model_name", ckpt, "--dataset_name", data, "--output_dir", os.path.join(workdir, name),
-        "--new_model", os.path.join(workdir, name, "adapter"), "--max_length", str(MAX_LENGTH),
-        "--logging_steps", "1", "--report_to", "none", "--sample_max_new_tokens", "0", "--save_steps", "0", "--eval_fraction", "0",
+        "--model_name", ckpt, "--dataset_name", data, "--output_dir", os.path.join(workdir, run),
+        "--new_model", os.path.join(workdir, run, "adapter"), "--overwrite_adapter", "--max_length", str(MAX_LENGTH),
+        "--gpu_recipe", "tutorial", "--logging_steps", "1", "--report_to", "none", "--sample_max_new_tokens", "0", "--save_steps", "0", "--eval_fraction", "0",
         "--max_steps", "-1" if epoch else str(warmup + timed), *overrides,
     ]  # fmt: skip
     timer = StepTimer()

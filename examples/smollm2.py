@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
@@ -181,7 +180,9 @@ CPU_RUN_OVERRIDES = [
     "--max_length", "128",  # every row fits (the longest is under 60 tokens); the default 1024 would fit too
     "--logging_steps", "10",
     "--report_to", "none",
-    "--sample_max_new_tokens", "0",  # finetune.py's own sample answer; this module measures answers itself
+    # finetune.py's own sample answer (to a held-out question, given below), kept short: this module measures the
+    # answers itself. Not 0, which finetune.py takes as "no sample answer" but merge_and_push.py's check does not
+    "--sample_max_new_tokens", "16",
     "--eval_fraction", "0",  # the held-out rows are split off here, before finetune.py sees the data
     # SmolLM2's template has no {% generation %} marks and trl 1.16 has no marked copy of it, so finetune.py cannot
     # train on the answers alone (`--loss_on auto` stops with that message): the whole conversation carries loss
@@ -199,7 +200,7 @@ def write_rows(path, rows):
 def run_experiment(base, workdir, learning_rate, merge=True):
     """Train on the rows, then measure: held-out loss and answers before (the same 4-bit base with the adapter
     switched off: LoRA starts at zero and the base weights are frozen, so that is the model before training),
-    after (the adapter on the 4-bit base) and, with merge, of the merged model merge_and_push.py saves."""
+    after (the adapter on the 4-bit base) and, with merge, of the model merge_and_push.py merges and saves."""
     import finetune
     import merge_and_push
 
@@ -210,7 +211,8 @@ def run_experiment(base, workdir, learning_rate, merge=True):
     data = write_rows(workdir / "train.jsonl", [messages_row(q, a) for q, a in train])
     adapter = workdir / "adapter"
     argv = ["--model_name", base, "--dataset_name", data, "--output_dir", str(workdir / "results"),
-            "--new_model", str(adapter), "--learning_rate", str(learning_rate), *CPU_RUN_OVERRIDES]  # fmt: skip
+            "--new_model", str(adapter), "--learning_rate", str(learning_rate), *CPU_RUN_OVERRIDES,
+            "--sample_prompt", shown_questions(heldout)[0]]  # fmt: skip
     started = time.time()
     trainer = finetune.main(argv)
     result = {"argv": argv, "shown": shown_questions(heldout), "train_seconds": time.time() - started, "trainer": trainer, "adapter": adapter}
@@ -228,11 +230,4 @@ def run_experiment(base, workdir, learning_rate, merge=True):
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
         result["merged"] = heldout_loss(merged, AutoTokenizer.from_pretrained(merged_dir), heldout)
         result["merged_dir"] = merged_dir
-        # The merge goes into the unquantized base (the tutorial's step 11): the same adapter on that base, unmerged,
-        # tells the merge's own error apart from the gap between the 4-bit base and the unquantized one
-        unquantized = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        with_adapter = PeftModel.from_pretrained(unquantized, adapter)
-        result["adapter_unquantized"] = heldout_loss(with_adapter, tokenizer, heldout)
-        with with_adapter.disable_adapter():
-            result["before_unquantized"] = heldout_loss(with_adapter, tokenizer, heldout)
     return result

@@ -40,13 +40,9 @@ def report(runs, convert_seconds, total_seconds, cpu_seconds):
         f"| before training (the 4-bit base) | - | {default['before']:.3f} |",
         f"| adapter on the 4-bit base | 2e-6 (the tutorial's text) | {tutorial['after']:.3f} |",
         f"| adapter on the 4-bit base | 2e-4 (the default) | {default['after']:.3f} |",
-        f"| merged (merge_and_push.py, fp16) | 2e-4 | {default['merged']:.3f} |",
-        f"| the unquantized base, before training | - | {default['before_unquantized']:.3f} |",
-        f"| adapter on the unquantized base, unmerged | 2e-4 | {default['adapter_unquantized']:.3f} |",
+        f"| merged (merge_and_push.py) | 2e-4 | {default['merged']:.3f} |",
         "",
-        f"Merged vs the adapter on the 4-bit base: {percent(default['merged'], default['after'])}; "
-        f"vs the same adapter on the unquantized base it was merged into: "
-        f"{percent(default['merged'], default['adapter_unquantized'])}.",
+        f"Merged vs the adapter on the 4-bit base: {percent(default['merged'], default['after'])}.",
         f"Time on this machine: conversion {convert_seconds:.0f} s, training "
         f"{default['train_seconds']:.0f} s (2e-4) and {tutorial['train_seconds']:.0f} s (2e-6), "
         f"all {total_seconds:.0f} s wall, {cpu_seconds:.0f} s CPU ({os.cpu_count()} cores, shared with other jobs).",
@@ -71,7 +67,7 @@ def main():
 
     started, cpu_started = time.time(), time.process_time()
     base = smollm2.convert_to_safetensors(os.path.join(args.workdir, "base"))
-    convert_seconds = time.time() - started
+    convert_seconds = time.time() - started  # about 0 when an earlier run's folder is reused
     runs = {
         "2e-4": smollm2.run_experiment(base, os.path.join(args.workdir, "lr-2e-4"), 2e-4),
         "2e-6": smollm2.run_experiment(base, os.path.join(args.workdir, "lr-2e-6"), 2e-6, merge=False),

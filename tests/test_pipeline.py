@@ -77,7 +77,11 @@ def test_loss_is_logged_to_tensorboard(trained):
 @pytest.fixture(scope="module")
 def merged(trained, tiny_model):
     _, workdir = trained
-    merge_and_push.main(["--model_name", tiny_model, "--new_model", str(workdir / "adapter"), "--no_push"])
+    # The tutorial's merge into the fp16 weights, which the test below compares with; test_publish.py checks the
+    # default merge into the dequantized NF4 weights
+    merge_and_push.main(
+        ["--model_name", tiny_model, "--new_model", str(workdir / "adapter"), "--no_push", "--merge_base", "fp16"]
+    )
     return workdir / "adapter-merged"
 
 

@@ -64,11 +64,7 @@ def test_finetuning_lowers_the_heldout_loss_by_a_clear_margin(run):
 
 
 def test_merged_model_keeps_the_adapters_loss(run):
-    """The merge goes into the unquantized base (the tutorial's step 11), so it is compared with the same adapter on
-    that base. Against the adapter on the 4-bit base it differs by more than 1% (README: the 4-bit base alone is
-    worse than the unquantized one), so that comparison is reported, not asserted."""
-    assert abs(run["merged"] - run["adapter_unquantized"]) <= MERGE_TOLERANCE * run["adapter_unquantized"]
-    assert run["merged"] < run["before_unquantized"], "the merged model lost what training gained"
+    assert abs(run["merged"] - run["after"]) <= MERGE_TOLERANCE * run["after"], (run["after"], run["merged"])
 
 
 def test_generation_stops_at_the_end_of_turn_token(run):

@@ -378,7 +378,7 @@ def test_failed_upload_is_rerun_without_merging_again(trained, tiny_model, tmp_p
     uploads, merges = [], []
     fake_hub(monkeypatch, uploads, fail_first=True)
     merge_adapter = merge_and_push.merge_adapter
-    monkeypatch.setattr(merge_and_push, "merge_adapter", lambda s: merges.append(1) or merge_adapter(s))
+    monkeypatch.setattr(merge_and_push, "merge_adapter", lambda *a: merges.append(1) or merge_adapter(*a))
     args = merge_args(tiny_model, workdir, "--merged_dir", str(tmp_path / "merged"), "--hub_repo", "me/tiny")
 
     assert_refused(merge_and_push, args, capsys, "upload", "me/tiny", "Connection reset", "rerun the same command")
