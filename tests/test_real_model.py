@@ -13,9 +13,9 @@ from examples import smollm2
 
 pytestmark = pytest.mark.slow
 
-# Held-out loss after training must be at most this fraction of the loss before it. Measured (README): 2.969 after
-# vs 3.542 before, 0.84; the same run at 2e-6 gives 3.548, so a 10% fall is not noise but what training did
-CLEAR_MARGIN = 0.9
+# Held-out loss after training must be at most this fraction of the loss before it. Measured (README): 0.292 after
+# one epoch vs 3.542 before, 0.08; the same run at 2e-6 gives 3.522
+CLEAR_MARGIN = 0.5
 MERGE_TOLERANCE = 0.01
 
 
@@ -67,6 +67,8 @@ def test_merged_model_keeps_the_adapters_loss(run):
     assert abs(run["merged"] - run["after"]) <= MERGE_TOLERANCE * run["after"], (run["after"], run["merged"])
 
 
-def test_generation_stops_at_the_end_of_turn_token(run):
-    answers = run["answers_before"] + run["answers_after"]
-    assert answers and all(stopped for _, stopped in answers), answers
+def test_heldout_answers_take_the_trained_form_and_stop_at_end_of_turn(run):
+    for (before, _), (after, stopped) in zip(run["answers_before"], run["answers_after"]):
+        assert not before.startswith("Answer: ")
+        assert after.startswith("Answer: ") and stopped, after
+    assert all(stopped for _, stopped in run["answers_before"]), run["answers_before"]
