@@ -273,6 +273,7 @@ def test_bf16_forced_on_a_gpu_without_it_is_one_line(tiny_model, tutorial_data, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (15 * 2**30, 16 * 2**30))  # its 16 GB, 15 free
     args = tiny_run_args(tiny_model, tutorial_data, tmp_path, "--precision", "bf16")
     assert_refused(finetune, args, capsys, "Tesla T4", "does not support bf16", "--precision fp16")
 
