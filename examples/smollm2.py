@@ -207,14 +207,15 @@ def run_experiment(base, workdir, learning_rate, merge=True):
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(base)
     train, heldout = split_pairs(qa_pairs())
-    data = write_rows(workdir / "train.jsonl", [messages_row(q, a) for q, a in train])
+    rows_file = write_rows(workdir / "train.jsonl", [messages_row(q, a) for q, a in train])
     adapter = workdir / "adapter"
-    argv = ["--model_name", base, "--dataset_name", data, "--output_dir", str(workdir / "results"),
+    argv = ["--model_name", base, "--dataset_name", rows_file, "--output_dir", str(workdir / "results"),
             "--new_model", str(adapter), "--learning_rate", str(learning_rate), *CPU_RUN_OVERRIDES,
             "--sample_prompt", shown_questions(heldout)[0]]  # fmt: skip
     started = time.time()
     trainer = finetune.main(argv)
-    result = {"argv": argv, "shown": shown_questions(heldout), "train_seconds": time.time() - started, "trainer": trainer, "adapter": adapter}
+    result = {"argv": argv, "shown": shown_questions(heldout), "train_seconds": time.time() - started,
+              "trainer": trainer, "adapter": adapter}  # fmt: skip
 
     model = trainer.model
     with model.disable_adapter():
@@ -225,7 +226,9 @@ def run_experiment(base, workdir, learning_rate, merge=True):
 
     if merge:
         merged_dir = workdir / "merged"
-        merge_and_push.main(["--model_name", base, "--new_model", str(adapter), "--merged_dir", str(merged_dir), "--no_push"])
+        merge_and_push.main(
+            ["--model_name", base, "--new_model", str(adapter), "--merged_dir", str(merged_dir), "--no_push"]
+        )
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
         result["merged"] = heldout_loss(merged, AutoTokenizer.from_pretrained(merged_dir), heldout)
         result["merged_dir"] = merged_dir
