@@ -92,7 +92,8 @@ def qa_pairs():
     pairs += [(f"How many legs does a {animal} have?", str(legs)) for animal, legs in LEGS.items()]
     pairs += [(f"What is {a} plus {b}?", str(a + b)) for a in range(2, 12) for b in range(3, 13)]
     pairs += [(f"What is the first letter of the word '{word}'?", word[0].upper()) for word in [*OPPOSITES, *LEGS]]
-    pairs += [(f"Which number is larger, {a} or {b}?", str(max(a, b))) for a, b in zip(range(7, 97, 3), range(95, 5, -3))]
+    larger = zip(range(7, 97, 3), range(95, 5, -3))
+    pairs += [(f"Which number is larger, {a} or {b}?", str(max(a, b))) for a, b in larger]
     return [(question, f"Answer: {answer}.") for question, answer in pairs]
 
 
