@@ -277,7 +277,7 @@ def verify_merged(settings, info, train_settings, tokenizer):
     )
     merged_logits = row_logits(merged, rows_ids)
     prompt, budget = train_settings.sample_prompt, train_settings.sample_max_new_tokens
-    merged_answer = finetune.sample_answer(merged, tokenizer, prompt, budget)
+    merged_answer = finetune.sample_answer(merged, tokenizer, prompt, budget) if budget > 0 else None  # 0: no sample
     del merged  # each model is dropped before the next one loads
     unmerged = PeftModel.from_pretrained(load_merge_base(settings, train_settings).to(compute_dtype), settings.new_model)
     unmerged_logits = row_logits(unmerged, rows_ids)
@@ -313,8 +313,9 @@ def print_verification(report):
         f"{report['loss_4bit_adapter']:.4f}, mean KL to the merged model {report['mean_kl_to_4bit_adapter']:.3g}"
     )
     sample = report["sample"]
-    print(f"{sample['prompt']}\nfinetune.py (adapter, 4-bit base) >>> {sample['finetune_answer']}")
-    print(f"merged model                     >>> {sample['merged_answer']}")
+    if sample["merged_answer"] is not None:  # sample_max_new_tokens 0 asks for none
+        print(f"{sample['prompt']}\nfinetune.py (adapter, 4-bit base) >>> {sample['finetune_answer']}")
+        print(f"merged model                     >>> {sample['merged_answer']}")
 
 
 def check_verification(report, settings):

@@ -183,3 +183,12 @@ def test_push_without_token_stops_before_the_merge(trained, tiny_model, tmp_path
                         "--merged_dir", str(tmp_path / "merged"), env=env)  # fmt: skip
     assert_one_line_error(result, "token", "--no_push")
     assert not (tmp_path / "merged").exists()
+
+
+def test_no_sample_answer_is_asked_for_in_training_nor_in_the_merge(tiny_model, tutorial_data, tmp_path, capsys):
+    """--sample_max_new_tokens 0 skips the answer after training, and the merge's verification skips it too."""
+    finetune.main(tiny_run_args(tiny_model, tutorial_data, tmp_path, "--sample_max_new_tokens", "0"))
+    merge_and_push.main(["--model_name", tiny_model, "--new_model", str(tmp_path / "adapter"), "--no_push"])
+    assert ">>>" not in capsys.readouterr().out
+    report = json.loads((tmp_path / "adapter-merged" / merge_and_push.VERIFICATION).read_text())
+    assert report["passed"] and report["sample"]["merged_answer"] is None
