@@ -130,10 +130,11 @@ class Settings(ModelSettings):
         "sdpa", "attention kernel; flex_attention keeps packed rows apart on the GPU", choices=["sdpa", "flex_attention", "eager"]
     )
     gpu_recipe: str = setting(
-        "auto",
+        "tutorial",
         "speed settings measured on the H200 (bench/RESULTS.md), applied before your command-line settings. auto: by "
         "the GPU's free memory (large >= 70 GiB, 24gb >= 14 GiB, else 8gb; tutorial on the CPU); tutorial: the "
-        "settings in this file as they are",
+        "settings in this file as they are. Not the default: at the same tokens they made far fewer updates and "
+        "learned less (bench/RESULTS.md)",
         choices=["auto", "large", "24gb", "8gb", "tutorial"],
     )
 

@@ -13,8 +13,15 @@ def on_a_gpu_with(monkeypatch, free_gib):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free_gib * GIB), int(141 * GIB)))
 
 
-def test_the_cpu_keeps_the_settings_as_written():
+def test_the_default_keeps_the_settings_as_written(monkeypatch):
+    on_a_gpu_with(monkeypatch, 139)
     settings = finetune.parse_settings_for_this_gpu([])
+    assert settings.gpu_recipe == "tutorial"
+    assert settings == finetune.parse_settings(finetune.Settings, ["--gpu_recipe", "tutorial"])
+
+
+def test_auto_on_the_cpu_keeps_the_settings_as_written():
+    settings = finetune.parse_settings_for_this_gpu(["--gpu_recipe", "auto"])
     assert settings.gpu_recipe == "tutorial"
     assert settings == finetune.parse_settings(finetune.Settings, ["--gpu_recipe", "tutorial"])
 
@@ -24,7 +31,7 @@ def test_the_cpu_keeps_the_settings_as_written():
 )
 def test_free_memory_picks_the_recipe(monkeypatch, free_gib, recipe, batch, checkpointing):
     on_a_gpu_with(monkeypatch, free_gib)
-    settings = finetune.parse_settings_for_this_gpu([])
+    settings = finetune.parse_settings_for_this_gpu(["--gpu_recipe", "auto"])
     assert settings.gpu_recipe == recipe
     assert (settings.per_device_train_batch_size, settings.gradient_checkpointing) == (batch, checkpointing)
     assert settings.packing and settings.padding_free and settings.use_liger_kernel
@@ -39,7 +46,8 @@ def test_free_memory_picks_the_recipe(monkeypatch, free_gib, recipe, batch, chec
 
 def test_the_command_line_wins_over_the_recipe(monkeypatch):
     on_a_gpu_with(monkeypatch, 139)
-    settings = finetune.parse_settings_for_this_gpu(["--per_device_train_batch_size", "4", "--lora_dropout", "0.1"])
+    argv = ["--gpu_recipe", "auto", "--per_device_train_batch_size", "4", "--lora_dropout", "0.1"]
+    settings = finetune.parse_settings_for_this_gpu(argv)
     assert settings.gpu_recipe == "large" and settings.packing
     assert settings.per_device_train_batch_size == 4 and settings.lora_dropout == 0.1
 
