@@ -1,6 +1,7 @@
 """What finetune.py and merge_and_push.py share: the settings they both name, the command line, the tokenizer
 set-up, the choice of device, and the one-line error a user sees instead of a traceback."""
 
+import json
 import os
 import shutil
 import sys
@@ -97,6 +98,13 @@ def load_tokenizer(name, trust_remote_code):
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # the tutorial: "fix weird overflow issue with fp16 training"
     return tokenizer
+
+
+def write_json_whole(path, value):
+    """A JSON file written beside its place and renamed into it: a crash mid-write leaves the old file or none."""
+    with open(f"{path}.partial", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(f"{path}.partial", path)
 
 
 @contextmanager

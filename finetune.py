@@ -48,6 +48,7 @@ from common import (
     parse_settings,
     run_cli,
     setting,
+    write_json_whole,
 )
 
 
@@ -246,10 +247,7 @@ def run_settings(settings):
 
 def save_run_settings(settings):
     os.makedirs(settings.output_dir, exist_ok=True)
-    path = os.path.join(settings.output_dir, RUN_SETTINGS_FILE)
-    with open(f"{path}.partial", "w") as f:
-        json.dump(run_settings(settings), f, indent=1)
-    os.replace(f"{path}.partial", path)
+    write_json_whole(os.path.join(settings.output_dir, RUN_SETTINGS_FILE), run_settings(settings))
 
 
 def checkpoint_to_resume(settings):
@@ -490,10 +488,7 @@ def save_training_info(trainer, settings, answer):
         "log_history": log_history,
         "sample": {"prompt": settings.sample_prompt, "answer": answer},
     }
-    path = os.path.join(settings.new_model, TRAINING_INFO)
-    with open(f"{path}.partial", "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(f"{path}.partial", path)  # whole or not at all, like the adapter beside it
+    write_json_whole(os.path.join(settings.new_model, TRAINING_INFO), info)  # whole, like the adapter beside it
 
 
 

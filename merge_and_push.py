@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import CommitOperationAdd, HfApi, RepoUrl, get_token, interpreter_login
+from huggingface_hub import CommitOperationAdd, HfApi, get_token, interpreter_login
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -39,6 +39,7 @@ from common import (
     parse_settings,
     run_cli,
     setting,
+    write_json_whole,
 )
 
 # Written last into the merged folder: which adapter it was merged from. A folder that has it, with today's adapter,
@@ -300,8 +301,7 @@ def verify_merged(settings, info, train_settings, tokenizer):
                    "merged_answer": merged_answer},
     }  # fmt: skip
     report["passed"] = report["mean_kl"] <= settings.verify_max_kl
-    with open(os.path.join(settings.merged_dir, VERIFICATION), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json_whole(os.path.join(settings.merged_dir, VERIFICATION), report)  # read back by a rerun
     return report
 
 

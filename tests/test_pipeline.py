@@ -8,6 +8,7 @@ import sys
 
 import bitsandbytes as bnb
 import pytest
+from huggingface_hub import RepoUrl
 import torch
 from conftest import ROOT, tiny_run_args, write_jsonl
 from peft import PeftModel
@@ -116,7 +117,7 @@ def test_push_uploads_the_merged_folder_without_printing_the_token(merged, train
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"] = repo_id
-        return merge_and_push.RepoUrl(f"https://huggingface.co/{repo_id}")
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         calls["upload"] = (repo_id, str(folder_path), sorted(os.listdir(folder_path)))

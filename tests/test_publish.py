@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+from huggingface_hub import RepoUrl
 import torch
 from conftest import tiny_run_args, tutorial_rows, write_jsonl
 from huggingface_hub import ModelCard
@@ -258,7 +259,7 @@ def test_push_sends_the_card_and_the_adapter_to_their_repos(published, base, tmp
     calls = {}
 
     def create_repo(self, repo_id, **kwargs):
-        return merge_and_push.RepoUrl(f"https://huggingface.co/{repo_id}")
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         calls["merged"] = (repo_id, sorted(os.listdir(folder_path)))

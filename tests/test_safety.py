@@ -10,6 +10,7 @@ import time
 from collections import namedtuple
 
 import pytest
+from huggingface_hub import RepoUrl
 import torch
 from conftest import ROOT, tiny_run_args, tutorial_rows, write_jsonl
 from peft import PeftModel
@@ -362,7 +363,7 @@ def fake_hub(monkeypatch, uploads, fail_first=False):
     """Only the two network calls are replaced; they record what would go up, and the first upload can fail."""
 
     def create_repo(self, repo_id, **kwargs):
-        return merge_and_push.RepoUrl(f"https://huggingface.co/{repo_id}")
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
         uploads.append((repo_id, str(folder_path), sorted(os.listdir(folder_path)), ignore_patterns))
