@@ -2,7 +2,8 @@
 
 Steps 1-10 of the tutorial, top to bottom. Every setting below can be edited here or overridden on the command line:
 
-    python finetune.py                                      # the tutorial's run: Llama-2-7b-chat on guanaco-llama2-1k
+    python finetune.py                                      # Llama-2-7b-chat on guanaco-llama2-1k, fast settings for this GPU
+    python finetune.py --gpu_recipe tutorial                # the tutorial's settings exactly (about 10 minutes on an H200)
     python finetune.py --dataset_name my_rows.jsonl         # your own rows: .jsonl/.json/.csv/.tsv/.parquet or a folder
     python finetune.py --dataset_name my_rows.jsonl --check_data   # check them first: no model weights are loaded
     python finetune.py --max_steps 20 --model_name ./my-model
@@ -24,6 +25,11 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
+
+# Before torch starts CUDA: the allocator grows its memory segments in place instead of reserving new blocks for each
+# new size, so little more is reserved than is in use (bench/RESULTS.md). A setting of the user's own is kept.
+if "PYTORCH_ALLOC_CONF" not in os.environ:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch
 from accelerate import PartialState
@@ -127,16 +133,19 @@ class Settings(ModelSettings):
     max_length: int = setting(1024, "longest row in tokens; longer rows are cut")
     packing: bool = setting(False, "pack several short rows into one sequence")
     padding_free: bool = setting(False, "batch rows end to end with no padding (packing implies it)")
+    pad_to_full_length: bool = setting(
+        False, "pad every batch to its full size (max_length tokens a row; batch size x max_length when packed): one "
+        "shape for every step, so flex attention compiles once instead of again for new lengths (costs the padding)"
+    )
     attn_implementation: str = setting(
         "sdpa", "attention kernel; flex_attention keeps packed rows apart on the GPU", choices=["sdpa", "flex_attention", "eager"]
     )
     gpu_recipe: str = setting(
-        "tutorial",
-        "speed settings measured on the H200 (bench/RESULTS.md), applied before your command-line settings. auto: by "
-        "the GPU's free memory (large >= 70 GiB, 24gb >= 14 GiB, else 8gb; tutorial on the CPU); tutorial: the "
-        "settings in this file as they are. Not the default: at the same tokens they made far fewer updates and "
-        "learned less (bench/RESULTS.md)",
-        choices=["auto", "large", "24gb", "8gb", "tutorial"],
+        "auto",
+        "speed settings measured on the H200 (bench/RESULTS.md), applied before your command-line settings, so yours "
+        "win. auto: by the GPU's free memory (large >= 42 GiB, 24gb >= 21, 12gb >= 10, else 8gb; on the CPU and GPUs "
+        "without bf16: tutorial); tutorial: the settings in this file as they are",
+        choices=["auto", "large", "24gb", "12gb", "8gb", "tutorial"],
     )
 
     # After training: the answer printed to check the adapter
@@ -221,6 +230,7 @@ def check_name(option, value, known):
 # would silently mix two runs. They are all that is written there: no token is a setting.
 RUN_SETTINGS_FILE = "run_settings.json"
 RUN_KEYS = [
+    "gpu_recipe",  # as picked: with auto, another GPU or less free memory would pick another batch size
     "model_name",
     "dataset_name",
     "lora_r",
@@ -282,25 +292,36 @@ def checkpoint_to_resume(settings):
 
 
 # Step 8. Check the GPU: the speed settings that fit it, measured (bench/RESULTS.md), and the compute dtype the
-# tutorial tells the user to pick by hand. Packed rows with flex attention, Liger kernels, LoRA on all linear
-# layers without dropout; the named settings (NF4, r=64, alpha=16, paged_adamw_32bit, cosine) stay.
+# tutorial tells the user to pick by hand. Rows packed 8 x max_length a step with flex attention keeping them apart,
+# Liger kernels, LoRA on all linear layers without dropout; the named settings (NF4, r=64, alpha=16,
+# paged_adamw_32bit, cosine) stay. A step then holds about 24 of the tutorial's rows instead of 1, so an epoch makes
+# 24 times fewer updates: at 10x the tutorial's learning rate it ended lower than the tutorial's on the same rows
+# (bench/learning.py). Figures: the Llama-2-7B shape on an H200, real tokens/s and peak reserved GPU memory.
 FAST = ["--packing", "--padding_free", "--attn_implementation", "flex_attention", "--use_liger_kernel",
-        "--lora_target_modules", "all-linear", "--lora_dropout", "0", "--per_device_train_batch_size", "8"]  # fmt: skip
+        "--lora_target_modules", "all-linear", "--lora_dropout", "0", "--per_device_train_batch_size", "8",
+        "--pad_to_full_length", "--learning_rate", "2e-3"]  # fmt: skip
 GPU_RECIPES = {
-    "large": FAST + ["--no_gradient_checkpointing"],  # H200: 9,446 real tokens/s, 61.8 GiB reserved
-    "24gb": FAST,  # H200: 7,233 tokens/s, 12.3 GiB reserved
-    "8gb": FAST + ["--per_device_train_batch_size", "2"],  # H200: 2,955 tokens/s, 6.7 GiB reserved
-    "tutorial": [],  # 484 tokens/s, 4.8 GiB reserved
+    "large": FAST + ["--no_gradient_checkpointing"],  # 14,515 tokens/s, 37.2 GiB
+    "24gb": FAST + ["--checkpoint_every_n_layers", "2", "--per_device_train_batch_size", "6"],  # 11,230, 17.8 GiB
+    "12gb": FAST,  # 10,480 tokens/s, 7.9 GiB
+    "8gb": FAST + ["--activation_offloading", "--per_device_train_batch_size", "6"],  # 8,194 tokens/s, 5.8 GiB
+    "tutorial": [],  # 544 tokens/s, 4.8 GiB
 }
+# Free GPU memory each needs: its peak plus room for the CUDA context and the paged optimizer's 1.2 GiB of states
+RECIPE_MIN_FREE_GIB = {"large": 42, "24gb": 21, "12gb": 10, "8gb": 0}
 
 
 def pick_recipe(name):
     if name != "auto":
         return name
-    if not torch.cuda.is_available():
-        return "tutorial"  # Liger and flex attention are GPU kernels
+    # Liger and flex attention are GPU kernels, and the recipes were measured in bf16 on a GPU that has it: the CPU
+    # and GPUs without bf16 (compute capability below 8: T4, V100) keep the settings as written
+    if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
+        return "tutorial"
+    if under_fsdp():  # the memory a recipe needs was measured with the whole model on one GPU; FSDP never trained here
+        return "tutorial"
     free_gib = torch.cuda.mem_get_info()[0] / 2**30
-    return "large" if free_gib >= 70 else "24gb" if free_gib >= 14 else "8gb"
+    return next(recipe for recipe, need in RECIPE_MIN_FREE_GIB.items() if free_gib >= need)
 
 
 def parse_settings_for_this_gpu(argv=None):
@@ -321,7 +342,8 @@ def pick_precision(precision):
         precision = "fp32" if not on_gpu else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "bf16":
         return torch.bfloat16, True
-    # fp16 keeps the tutorial's recipe: fp16 compute in the 4-bit layers, fp32 LoRA weights, no mixed precision
+    # fp16 keeps the tutorial's recipe: fp16 compute in the 4-bit layers, no mixed precision. (trl stores the LoRA
+    # weights of a 4-bit model in bf16 whatever this says.)
     return (torch.float16 if precision == "fp16" else torch.float32), False
 
 
@@ -348,9 +370,11 @@ def load_base_model(settings, bnb_config, device_map):
         settings.model_name,
         quantization_config=bnb_config,
         device_map=device_map,
-        # FSDP flattens each wrapped block into one tensor of one dtype: the unquantized weights (norms, embeddings)
-        # must share the 4-bit weights' storage dtype. Otherwise the checkpoint's own dtype, as before.
-        dtype=bnb_config.bnb_4bit_quant_storage if under_fsdp() else "auto",
+        # The weights that stay unquantized (embeddings, norms, lm_head) in the compute dtype too. In the checkpoint's
+        # own dtype (fp16 for Llama-2) under bf16 training, every layer's activations would flip between fp16 and
+        # bf16, and each cast is another copy kept for the backward pass. FSDP needs it as well: it flattens each
+        # wrapped block into one tensor of one dtype, the 4-bit weights' storage dtype, which is the compute dtype
+        dtype=bnb_config.bnb_4bit_compute_dtype,
         trust_remote_code=settings.trust_remote_code,
         use_safetensors=True,
         attn_implementation=settings.attn_implementation,
@@ -374,6 +398,12 @@ def parse_target_modules(names):
     if not names:
         return None  # peft picks the architecture's default
     return names if names == "all-linear" else [name.strip() for name in names.split(",")]
+
+
+def full_length(settings):
+    """A batch's length in tokens at its fullest: a packed or padding-free batch is one row of all its rows"""
+    flat = settings.packing or settings.padding_free
+    return settings.max_length * (settings.per_device_train_batch_size if flat else 1)
 
 
 def make_training_config(settings, bf16, answers_only=False, has_eval=False):
@@ -407,6 +437,7 @@ def make_training_config(settings, bf16, answers_only=False, has_eval=False):
         max_length=settings.max_length,
         packing=settings.packing,
         padding_free=settings.padding_free,
+        pad_to_multiple_of=full_length(settings) if settings.pad_to_full_length else None,
         dataset_text_field="text",
         assistant_only_loss=answers_only,  # chat rows: loss on the {% generation %} parts of the template only
         eval_strategy="steps" if has_eval else "no",  # every eval_steps, and once more at the last step

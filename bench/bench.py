@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import finetune  # noqa: E402
-from timing import StepTimer  # noqa: E402
+from timing import StepProfiler, StepTimer  # noqa: E402
 
 ROWS = 1000
 MAX_LENGTH = 1024
@@ -64,6 +64,24 @@ CONFIGS = {
         BF16 + ALL + PACKED[:4] + ["--per_device_train_batch_size", "2", "--use_liger_kernel", "--lora_dropout", "0"], 3, 20),
     "liger_packed_flex_qv_no_gc_dropout0": (
         BF16 + PACKED + ["--use_liger_kernel", "--no_gradient_checkpointing", "--lora_dropout", "0"], 6, 12),
+    # finetune.py's recipes as a user picks them (--gpu_recipe), and changes to them
+    "recipe_large": (["--gpu_recipe", "large"], 6, 12),
+    "recipe_24gb": (["--gpu_recipe", "24gb"], 6, 12),
+    "recipe_8gb": (["--gpu_recipe", "8gb"], 3, 20),
+    "large_pad": (["--gpu_recipe", "large", "--pad_to_full_length"], 6, 12),
+    "large_batch16_pad": (["--gpu_recipe", "large", "--per_device_train_batch_size", "16", "--pad_to_full_length"], 4, 8),
+    "24gb_pad": (["--gpu_recipe", "24gb", "--pad_to_full_length"], 6, 12),
+    "24gb_every2_pad": (["--gpu_recipe", "24gb", "--checkpoint_every_n_layers", "2", "--pad_to_full_length"], 6, 12),
+    "24gb_batch16_pad": (["--gpu_recipe", "24gb", "--per_device_train_batch_size", "16", "--pad_to_full_length"], 4, 8),
+    "24gb_offload_pad": (["--gpu_recipe", "24gb", "--activation_offloading", "--pad_to_full_length"], 6, 12),
+    "8gb_batch4_pad": (["--gpu_recipe", "8gb", "--per_device_train_batch_size", "4", "--pad_to_full_length"], 4, 12),
+    # The first step with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), less each compiled part
+    "cold_large": (["--gpu_recipe", "large"], 1, 2),
+    "cold_large_sdpa": (["--gpu_recipe", "large", "--attn_implementation", "sdpa"], 1, 2),
+    "cold_large_no_liger": (["--gpu_recipe", "large", "--use_liger_kernel", "false"], 1, 2),
+    "24gb_every2_batch6": (["--gpu_recipe", "24gb", "--checkpoint_every_n_layers", "2", "--per_device_train_batch_size", "6"], 6, 12),
+    "8gb_batch7_offload": (["--gpu_recipe", "8gb", "--per_device_train_batch_size", "7", "--activation_offloading"], 4, 12),
+    "8gb_batch8_offload_pad": (["--gpu_recipe", "8gb", "--per_device_train_batch_size", "8", "--activation_offloading", "--pad_to_full_length"], 4, 12),
 }  # fmt: skip
 
 
@@ -111,8 +129,11 @@ def flops_per_token(trainable, mean_length):
     return 4 * frozen + 6 * trainable + attention
 
 
-def run_config(name, overrides, warmup, timed, ckpt, data, workdir, data_stats, epoch=False):
+def run_config(name, overrides, warmup, timed, ckpt, data, workdir, data_stats, epoch=False, profile=False):
     run = f"{name}_epoch" if epoch else name
+    profiler = StepProfiler(start_step=warmup) if profile else None
+    if profile:
+        run, timed = f"{name}_profile", 2
     argv = [
         "--model_name", ckpt, "--dataset_name", data, "--output_dir", os.path.join(workdir, run),
         "--new_model", os.path.join(workdir, run, "adapter"), "--overwrite_adapter", "--max_length", str(MAX_LENGTH),
@@ -122,7 +143,7 @@ def run_config(name, overrides, warmup, timed, ckpt, data, workdir, data_stats, 
     timer = StepTimer()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    trainer = finetune.main(argv, callbacks=[timer])
+    trainer = finetune.main(argv, callbacks=[timer] + ([profiler] if profile else []))
     result = {
         "name": name, "overrides": overrides, "epoch": epoch, "steps": trainer.state.global_step,
         "wall_s_including_load": time.perf_counter() - started,
@@ -133,7 +154,9 @@ def run_config(name, overrides, warmup, timed, ckpt, data, workdir, data_stats, 
         "final_loss": next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None),
     }  # fmt: skip
     tokens_s, step_s = timer.steady_state(warmup)
-    result.update(tokens_per_s=tokens_s, s_per_step=step_s)
+    result.update(tokens_per_s=tokens_s, s_per_step=step_s, first_step_s=timer.first_step_s())
+    if profile:
+        result["profile"] = profiler.summary()
     if tokens_s:
         result["mfu"] = tokens_s * flops_per_token(result["trainable_params"], data_stats["mean_after_cut"]) / H200_BF16_FLOPS
         result["epoch_s_estimated"] = data_stats["real_tokens_after_cut"] / tokens_s
@@ -162,17 +185,20 @@ def lora_model(model_name, attn_implementation, device_map):
     return model, finetune.load_tokenizer(model_name, False)
 
 
-def packed_vs_rows(model, tokenizer, rows, autocast_dtype=None, restart_positions=True):
+def packed_vs_rows(model, tokenizer, rows, autocast_dtype=None, restart_positions=True, pad_to=None):
     """Correct before fast: one padding-free packed batch (trl's collator, as packing=True builds it) against the same
     rows run one at a time. Returns the two losses (means over all rows' tokens) and the relative differences of
-    the losses and of the LoRA gradients. restart_positions=False numbers the packed tokens straight through, so the
+    the losses and of the LoRA gradients. pad_to pads the packed batch to a multiple of that many tokens, as
+    --pad_to_full_length does. restart_positions=False numbers the packed tokens straight through, so the
     model cannot tell the rows apart: the negative control that shows the check can fail."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     examples = [{"input_ids": tokenizer(row, add_special_tokens=False).input_ids} for row in rows]
     n_tokens = sum(len(e["input_ids"]) - 1 for e in examples)  # each row's first token is predicted by nothing
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
+    packed = DataCollatorForLanguageModeling(
+        pad_token_id=tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=pad_to
+    )(examples)
     if not restart_positions:
         packed["position_ids"] = torch.arange(packed["input_ids"].shape[1])[None]
         del packed["cu_seq_lens_q"], packed["cu_seq_lens_k"], packed["max_length_q"], packed["max_length_k"]
@@ -194,7 +220,7 @@ def packed_vs_rows(model, tokenizer, rows, autocast_dtype=None, restart_position
     # The noise floor: the same rows as one ordinary padded batch, a different but equally right computation
     loss_padded, grad_padded = loss_and_grads([collate(examples)])
     return {
-        "rows": len(rows), "tokens": n_tokens, "packed_loss": loss_packed, "rows_loss": loss_rows,
+        "rows": len(rows), "tokens": n_tokens, "padded_length": packed["input_ids"].shape[1], "packed_loss": loss_packed, "rows_loss": loss_rows,
         "loss_rel_diff": abs(loss_packed - loss_rows) / loss_rows,
         "grad_rel_diff": ((grad_packed - grad_rows).norm() / grad_rows.norm()).item(),
         "padded_batch_loss_rel_diff": abs(loss_padded - loss_rows) / loss_rows,
@@ -206,7 +232,9 @@ def packed_check_on_gpu(ckpt, data):
     model, tokenizer = lora_model(ckpt, "flex_attention", {"": 0})
     rows = [json.loads(line)["text"] for line in open(data)][:4]
     rows = [" ".join(row.split()[:300]) for row in rows]  # a few hundred tokens each
-    result = {"attn_implementation": "flex_attention", **packed_vs_rows(model, tokenizer, rows, torch.bfloat16)}
+    # Padded as the recipes pad (--pad_to_full_length): the padding must change nothing either
+    result = {"attn_implementation": "flex_attention", "padded_to": 2048,
+              **packed_vs_rows(model, tokenizer, rows, torch.bfloat16, pad_to=2048)}  # fmt: skip
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -227,6 +255,7 @@ def main():
     parser.add_argument("--work", default="/tmp/bench", help="folder for the checkpoint, data and runs")
     parser.add_argument("--only", default="", help="comma-separated configuration names (default: all; none: only build and check)")
     parser.add_argument("--epoch", default="", help="comma-separated configuration names to also run a whole epoch of")
+    parser.add_argument("--profile", default="", help="comma-separated configuration names to profile two steps of")
     parser.add_argument("--check", action="store_true", help="run the packed-versus-unpacked check")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -240,11 +269,14 @@ def main():
         report["packed_check"] = packed_check_on_gpu(ckpt, data)
         print("packed check", report["packed_check"], flush=True)
     names = [] if args.only == "none" else args.only.split(",") if args.only else list(CONFIGS)
-    jobs = [(n, False) for n in names] + [(n, True) for n in args.epoch.split(",") if n]
-    for name, epoch in jobs:
+    jobs = [(n, False, False) for n in names] + [(n, True, False) for n in args.epoch.split(",") if n]
+    jobs += [(n, False, True) for n in args.profile.split(",") if n]
+    for name, epoch, profile in jobs:
         overrides, warmup, timed = CONFIGS[name]
         try:
-            result = run_config(name, overrides, warmup, timed, ckpt, data, os.path.join(args.work, "runs"), stats, epoch)
+            result = run_config(
+                name, overrides, warmup, timed, ckpt, data, os.path.join(args.work, "runs"), stats, epoch, profile
+            )
         except Exception as error:  # an out-of-memory or unsupported combination is a result too
             result = {"name": name, "epoch": epoch, "error": f"{type(error).__name__}: {str(error)[:300]}"}
             gc.collect()
@@ -254,7 +286,8 @@ def main():
         json.dump(report, open(out_file, "w"), indent=1)
     for r in report["runs"]:
         tps = r.get("tokens_per_s")
-        print(f"{r['name']:<50} {'epoch' if r['epoch'] else '     '} tok/s {tps or 0:8.0f} "
+        kind = "epoch" if r["epoch"] else "prof " if "profile" in r else "     "
+        print(f"{r['name']:<50} {kind} tok/s {tps or 0:8.0f} "
               f"alloc {r.get('peak_allocated_gib', 0):6.2f} GiB  train {r.get('train_runtime_s') or 0:6.1f} s "
               f"{r.get('error', '')[:80]}")  # fmt: skip
 

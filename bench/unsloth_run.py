@@ -38,29 +38,6 @@ def sampling(grouped):
     return {"group_by_length": grouped}
 
 
-def count_real_tokens(trainer, timer):
-    """Unsloth's trainer does not log trl's `num_tokens`: count the real tokens of each batch as trl does (the
-    attention mask's ones, or every token of a padding-free batch) when the collator builds it, once per step."""
-    collate = trainer.data_collator
-    seen = {"tokens": 0}
-
-    def counting_collator(examples):
-        batch = collate(examples)
-        mask = batch.get("attention_mask")
-        seen["tokens"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return batch
-
-    trainer.data_collator = counting_collator
-    timer.on_log = lambda *args, **kwargs: None  # trl 1.15 under Unsloth logs no num_tokens
-    original = timer.on_step_end
-
-    def on_step_end(args, state, control, **kwargs):
-        original(args, state, control, **kwargs)
-        timer.tokens[state.global_step] = seen["tokens"]
-
-    timer.on_step_end = on_step_end
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/bench")
@@ -94,7 +71,6 @@ def main():
             **sampling(grouped=not packing),
         ),
     )  # fmt: skip
-    count_real_tokens(trainer, timer)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     tokens_s, step_s = timer.steady_state(warmup)

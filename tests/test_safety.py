@@ -80,6 +80,16 @@ def test_rerun_with_other_lora_shape_is_refused(trained, tmp_path, capsys):
     assert_refused(finetune, args, capsys, "lora_r 8 then, 4 now", "--output_dir", str(workdir / "results"))
 
 
+def test_resume_under_another_gpu_recipe_is_refused(trained):
+    """With gpu_recipe=auto, another GPU or less free memory picks another recipe, so other batches: the rerun says
+    which recipe the checkpoints were made with, and does not mix the two."""
+    _, workdir, args = trained
+    settings = finetune.parse_settings_for_this_gpu(args)
+    settings.gpu_recipe = "12gb"  # what auto picks on a GPU with 10-21 GiB free
+    with pytest.raises(common.UserError, match="gpu_recipe tutorial then, 12gb now"):
+        finetune.checkpoint_to_resume(settings)
+
+
 def test_rerun_with_other_base_model_is_refused(trained, tmp_path, capsys):
     _, workdir, args = trained
     args = [*args, "--model_name", str(tmp_path / "another-model"), "--new_model", str(tmp_path / "adapter")]
@@ -110,7 +120,7 @@ def test_newest_checkpoint_cut_off_while_saving_is_skipped(trained, tmp_path):
     results = tmp_path / "results"
     shutil.copytree(workdir / "results", results)
     os.remove(results / "checkpoint-6" / "trainer_state.json")  # what a kill during the save of step 6 leaves
-    settings = common.parse_settings(finetune.Settings, [*args, "--output_dir", str(results)])
+    settings = finetune.parse_settings_for_this_gpu([*args, "--output_dir", str(results)])
     assert finetune.checkpoint_to_resume(settings) == str(results / "checkpoint-5")
 
 
