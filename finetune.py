@@ -550,6 +550,9 @@ def main(argv=None, callbacks=()):
         if GPU_RECIPES[settings.gpu_recipe]:
             recipe = " ".join(GPU_RECIPES[settings.gpu_recipe])
             print(f"speed settings for this GPU ({settings.gpu_recipe}): {recipe}; --gpu_recipe tutorial for none")
+        if settings.attn_implementation == "flex_attention":
+            # 54 s on the H200 with empty caches; PyTorch keeps the compiled kernels on disk for later runs
+            print("flex attention: the first step compiles it, about a minute on a machine's first run")
 
     model = load_base_model(settings, bnb_config, device_map)
     ctrl_c = SaveOnCtrlC()

@@ -7,7 +7,7 @@ LoRA on q,v with dropout 0.1, no packing) and with the settings `--gpu_recipe la
 kernels the CPU lacks (flex attention: sdpa keeps packed rows apart here, tests/test_packing.py; Liger: fused kernels
 that compute the same function). Same rows, same epoch, so the same tokens: the recipe makes fewer, larger updates.
 
-    python3 bench/learning.py --out bench/results --learning_rates 1e-3,1.5e-3   # CPU, about 20 minutes
+    python3 bench/learning.py --out bench/results --learning_rates 1e-3,1.5e-3,1.6e-3   # CPU, about 20 minutes
 
 It writes learning.json: the tutorial's run, the recipe's (its learning rate, 2e-3), and the recipe at each of the
 other learning rates, which shows how its learning depends on that one setting.
