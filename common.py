@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 # Bigger models are refused on a machine without CUDA: the CPU path is for tests and smoke runs, and a 7B model in
@@ -43,6 +44,19 @@ def parse_settings(settings_class, argv=None):
     parser = HfArgumentParser(settings_class)
     (settings,) = parser.parse_args_into_dataclasses(args=argv)
     return settings
+
+
+def named_on_command_line(settings_class, argv):
+    """The names of the settings the command line gives a value, whatever the value (`--x 1`, `--x=1`, `--no_x`)."""
+    parser = HfArgumentParser(settings_class)
+    unset = object()
+    parser.set_defaults(**{action.dest: unset for action in parser._actions})
+    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+
+
+def under_fsdp():
+    """True under `accelerate launch` with an FSDP config (configs/fsdp_qlora.yaml): the flag accelerate reads."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def run_cli(main):

@@ -33,7 +33,6 @@ if "PYTORCH_ALLOC_CONF" not in os.environ:
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
@@ -43,6 +42,7 @@ from transformers.training_args import OptimizerNames
 from trl import SFTConfig, SFTTrainer
 
 import data
+import recipes
 from common import (
     ModelSettings,
     UserError,
@@ -51,9 +51,11 @@ from common import (
     folder_written_whole,
     load_config,
     load_tokenizer,
+    named_on_command_line,
     parse_settings,
     run_cli,
     setting,
+    under_fsdp,
     write_json_whole,
 )
 
@@ -142,10 +144,14 @@ class Settings(ModelSettings):
     )
     gpu_recipe: str = setting(
         "auto",
-        "speed settings measured on the H200 (bench/RESULTS.md), applied before your command-line settings, so yours "
-        "win. auto: by the GPU's free memory (large >= 42 GiB, 24gb >= 21, 12gb >= 10, else 8gb; on the CPU and GPUs "
-        "without bf16: tutorial); tutorial: the settings in this file as they are",
-        choices=["auto", "large", "24gb", "12gb", "8gb", "tutorial"],
+        "speed settings measured on the H200 (recipes.py, bench/RESULTS.md) for the settings still at the tutorial's "
+        "value: yours (edited here or on the command line) win. auto: packed rows, flex attention, Liger, and the "
+        "fastest memory mode predicted to fit this model in the GPU's free memory (on the CPU, GPUs without bf16 and "
+        "under FSDP: tutorial); tutorial: the settings as written; or a memory mode by name",
+        choices=recipes.NAMES,
+    )
+    auto_find_batch_size: bool = setting(
+        True, "after an out-of-memory error in training, start again at a smaller batch (transformers' own retry)"
     )
 
     # After training: the answer printed to check the adapter
@@ -247,20 +253,21 @@ RUN_KEYS = [
 ]
 
 
-def run_settings(settings):
+def run_settings(settings, recipe_changes):
     keys = {key: getattr(settings, key) for key in RUN_KEYS}
+    keys["recipe_changes"] = recipe_changes  # with auto, another card or model length picks another memory mode
     if os.path.isfile(settings.dataset_name):  # a local file edited since is another data set under the same name
         with open(settings.dataset_name, "rb") as f:
             keys["dataset_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     return keys
 
 
-def save_run_settings(settings):
+def save_run_settings(settings, recipe_changes):
     os.makedirs(settings.output_dir, exist_ok=True)
-    write_json_whole(os.path.join(settings.output_dir, RUN_SETTINGS_FILE), run_settings(settings))
+    write_json_whole(os.path.join(settings.output_dir, RUN_SETTINGS_FILE), run_settings(settings, recipe_changes))
 
 
-def checkpoint_to_resume(settings):
+def checkpoint_to_resume(settings, recipe_changes):
     """The newest complete checkpoint in output_dir, or None; refuses one that a run with other settings made."""
     if not os.path.isdir(settings.output_dir):
         return None
@@ -275,7 +282,7 @@ def checkpoint_to_resume(settings):
             before = json.load(f)
     except (OSError, ValueError):
         before = {}
-    now = run_settings(settings)
+    now = run_settings(settings, recipe_changes)
     changed = [
         f"{key} {before.get(key, '(not recorded)')} then, {now[key]} now"
         for key in now if before.get(key) != now[key]
@@ -291,48 +298,13 @@ def checkpoint_to_resume(settings):
 # Step 7. Load the data set: see data.py for the sources, shapes, rendering and the check
 
 
-# Step 8. Check the GPU: the speed settings that fit it, measured (bench/RESULTS.md), and the compute dtype the
-# tutorial tells the user to pick by hand. Rows packed 8 x max_length a step with flex attention keeping them apart,
-# Liger kernels, LoRA on all linear layers without dropout; the named settings (NF4, r=64, alpha=16,
-# paged_adamw_32bit, cosine) stay. A step then holds about 24 of the tutorial's rows instead of 1, so an epoch makes
-# 24 times fewer updates: at 10x the tutorial's learning rate it ended lower than the tutorial's on the same rows
-# (bench/learning.py). Figures: the Llama-2-7B shape on an H200, real tokens/s and peak reserved GPU memory.
-FAST = ["--packing", "--padding_free", "--attn_implementation", "flex_attention", "--use_liger_kernel",
-        "--lora_target_modules", "all-linear", "--lora_dropout", "0", "--per_device_train_batch_size", "8",
-        "--pad_to_full_length", "--learning_rate", "2e-3"]  # fmt: skip
-GPU_RECIPES = {
-    "large": FAST + ["--no_gradient_checkpointing"],  # 14,515 tokens/s, 37.2 GiB
-    "24gb": FAST + ["--checkpoint_every_n_layers", "2", "--per_device_train_batch_size", "6"],  # 11,230, 17.8 GiB
-    "12gb": FAST,  # 10,480 tokens/s, 7.9 GiB
-    "8gb": FAST + ["--activation_offloading", "--per_device_train_batch_size", "6"],  # 8,194 tokens/s, 5.8 GiB
-    "tutorial": [],  # 544 tokens/s, 4.8 GiB
-}
-# Free GPU memory each needs: its peak plus room for the CUDA context and the paged optimizer's 1.2 GiB of states
-RECIPE_MIN_FREE_GIB = {"large": 42, "24gb": 21, "12gb": 10, "8gb": 0}
-
-
-def pick_recipe(name):
-    if name != "auto":
-        return name
-    # Liger and flex attention are GPU kernels, and the recipes were measured in bf16 on a GPU that has it: the CPU
-    # and GPUs without bf16 (compute capability below 8: T4, V100) keep the settings as written
-    if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
-        return "tutorial"
-    if under_fsdp():  # the memory a recipe needs was measured with the whole model on one GPU; FSDP never trained here
-        return "tutorial"
-    free_gib = torch.cuda.mem_get_info()[0] / 2**30
-    return next(recipe for recipe, need in RECIPE_MIN_FREE_GIB.items() if free_gib >= need)
-
-
-def parse_settings_for_this_gpu(argv=None):
-    """The settings with the recipe's speed settings put in front of the command line's, so any setting the user
-    names on the command line wins over the recipe."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    recipe = pick_recipe(parse_settings(Settings, argv).gpu_recipe)
-    settings = parse_settings(Settings, GPU_RECIPES[recipe] + argv)
-    settings.gpu_recipe = recipe
-    return settings
-
+# Step 8. Check the GPU: the speed settings that fit it (recipes.py), and the compute dtype the tutorial tells the
+# user to pick by hand
+def settings_you_chose(argv):
+    """The settings named on the command line, and those edited at the top of this file away from the tutorial's
+    value: a recipe leaves these alone."""
+    edited = {name for name, value in recipes.TUTORIAL.items() if Settings.__dataclass_fields__[name].default != value}
+    return named_on_command_line(Settings, argv) | edited
 
 
 def pick_precision(precision):
@@ -345,11 +317,6 @@ def pick_precision(precision):
     # fp16 keeps the tutorial's recipe: fp16 compute in the 4-bit layers, no mixed precision. (trl stores the LoRA
     # weights of a 4-bit model in bf16 whatever this says.)
     return (torch.float16 if precision == "fp16" else torch.float32), False
-
-
-def under_fsdp():
-    """True under `accelerate launch` with an FSDP config (configs/fsdp_qlora.yaml): the flag accelerate reads."""
-    return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def make_bnb_config(settings, compute_dtype):
@@ -419,6 +386,7 @@ def make_training_config(settings, bf16, answers_only=False, has_eval=False):
         },
         use_liger_kernel=settings.use_liger_kernel,
         torch_compile=settings.torch_compile,
+        auto_find_batch_size=settings.auto_find_batch_size,
         max_grad_norm=settings.max_grad_norm,
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
@@ -525,12 +493,15 @@ def save_training_info(trainer, settings, answer):
 
 def main(argv=None, callbacks=()):
     """Runs steps 1-10; `callbacks` (TrainerCallback objects) let the benchmark time the steps."""
-    settings = parse_settings_for_this_gpu(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    settings = parse_settings(Settings, argv)
     check_settings(settings)
-    checkpoint = checkpoint_to_resume(settings)
     config = load_config(settings.model_name, settings.trust_remote_code)
     if not settings.check_data:  # the check needs no model weights and no GPU
         check_model_fits_the_machine(settings.model_name, config)
+    settings, recipe = recipes.pick(settings, settings_you_chose(argv), config)
+    print(recipes.describe(recipe, {name: Settings.__dataclass_fields__[name].default for name in recipe.changes}))
+    checkpoint = checkpoint_to_resume(settings, recipe.changes)
     tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
     dataset = data.prepare_data(settings, tokenizer)  # stops here, with one line, on data nothing can be learnt from
     if settings.check_data:
@@ -547,9 +518,6 @@ def main(argv=None, callbacks=()):
     bnb_config = make_bnb_config(settings, compute_dtype)
     if is_main_process:
         print(f"4-bit compute dtype: {compute_dtype}, trainer bf16: {bf16}, device: {device_map['']}")
-        if GPU_RECIPES[settings.gpu_recipe]:
-            recipe = " ".join(GPU_RECIPES[settings.gpu_recipe])
-            print(f"speed settings for this GPU ({settings.gpu_recipe}): {recipe}; --gpu_recipe tutorial for none")
         if settings.attn_implementation == "flex_attention":
             # 54 s on the H200 with empty caches; PyTorch keeps the compiled kernels on disk for later runs
             print("flex attention: the first step compiles it, about a minute on a machine's first run")
@@ -565,12 +533,13 @@ def main(argv=None, callbacks=()):
         peft_config=make_lora_config(settings),
         callbacks=[ctrl_c, *callbacks],
     )
+    trainer.add_callback(recipes.SmallerBatchAfterOutOfMemory(trainer.data_collator, settings, full_length))
 
     if is_main_process:
-        save_run_settings(settings)
+        save_run_settings(settings, recipe.changes)
     if checkpoint:
         print(f"resuming from {checkpoint} (step {trainer_step(checkpoint)}): the same settings' earlier run")
-    with ctrl_c.listening():
+    with ctrl_c.listening(), recipes.no_batch_fits_is_one_line():
         trainer.train(resume_from_checkpoint=checkpoint)
     if ctrl_c.requested:
         print(

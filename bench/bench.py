@@ -39,7 +39,7 @@ RECIPE_KERNELS = BF16 + ALL + PACKED + ["--use_liger_kernel", "--lora_dropout", 
 # name -> (finetune.py overrides, warm-up steps, timed steps). Liger patches transformers' Llama classes for the
 # whole process, so the configurations with it come last.
 CONFIGS = {
-    "default": (["--gpu_recipe", "auto"], 6, 12),  # finetune.py as a user runs it: the recipe for this GPU
+    "default": (["--gpu_recipe", "auto"], 6, 12),  # finetune.py as a user runs it: auto's pick for this GPU
     "tutorial": (["--precision", "fp16"], 5, 40),
     "bf16": (BF16, 5, 40),
     "bf16_all_linear": (BF16 + ALL, 5, 40),
@@ -65,11 +65,15 @@ CONFIGS = {
         BF16 + ALL + PACKED[:4] + ["--per_device_train_batch_size", "2", "--use_liger_kernel", "--lora_dropout", "0"], 3, 20),
     "liger_packed_flex_qv_no_gc_dropout0": (
         BF16 + PACKED + ["--use_liger_kernel", "--no_gradient_checkpointing", "--lora_dropout", "0"], 6, 12),
-    # finetune.py's recipes as a user picks them (--gpu_recipe), so they follow the recipes as they change
-    "recipe_24gb": (["--gpu_recipe", "24gb"], 6, 12),
-    "recipe_8gb": (["--gpu_recipe", "8gb"], 3, 20),
-    "cold_large": (["--gpu_recipe", "large"], 1, 2),  # the first step with empty compile caches (RESULTS.md, call 8)
-    "cold_large_sdpa": (["--gpu_recipe", "large", "--attn_implementation", "sdpa"], 1, 2),
+    # The recipes of calls 7 and 8 (`--gpu_recipe 24gb`, `8gb`, `large` then), spelled out since the recipes changed
+    "recipe_24gb": (RECIPE_KERNELS + ["--learning_rate", "2e-3", "--checkpoint_every_n_layers", "2",
+                                      "--per_device_train_batch_size", "6"], 6, 12),
+    "recipe_8gb": (RECIPE_KERNELS + ["--learning_rate", "2e-3", "--activation_offloading",
+                                     "--per_device_train_batch_size", "6"], 3, 20),
+    # the first step with empty compile caches (RESULTS.md, call 8)
+    "cold_large": (RECIPE_KERNELS + ["--learning_rate", "2e-3", "--no_gradient_checkpointing"], 1, 2),
+    "cold_large_sdpa": (RECIPE_KERNELS + ["--learning_rate", "2e-3", "--no_gradient_checkpointing",
+                                          "--attn_implementation", "sdpa"], 1, 2),
     # The recipes' kernels spelled out (packed, flex, Liger, all linear, dropout 0, padded; the tutorial's learning
     # rate), so that these stay what was measured when the recipes change
     "large_pad": (RECIPE_KERNELS + ["--no_gradient_checkpointing"], 6, 12),

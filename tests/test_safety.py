@@ -84,10 +84,14 @@ def test_resume_under_another_gpu_recipe_is_refused(trained):
     """With gpu_recipe=auto, another GPU or less free memory picks another recipe, so other batches: the rerun says
     which recipe the checkpoints were made with, and does not mix the two."""
     _, workdir, args = trained
-    settings = finetune.parse_settings_for_this_gpu(args)
-    settings.gpu_recipe = "12gb"  # what auto picks on a GPU with 10-21 GiB free
-    with pytest.raises(common.UserError, match="gpu_recipe tutorial then, 12gb now"):
-        finetune.checkpoint_to_resume(settings)
+    # What auto picks for this model on a GPU with less room than the first run's
+    settings = finetune.parse_settings(finetune.Settings, [*args, "--gpu_recipe", "checkpoint_every_layer"])
+    with pytest.raises(common.UserError, match="gpu_recipe tutorial then, checkpoint_every_layer now"):
+        finetune.checkpoint_to_resume(settings, {})
+    # and each setting the recipe changed is recorded: the same recipe with other changes is another run too
+    settings = finetune.parse_settings(finetune.Settings, [*args, "--gpu_recipe", "tutorial"])
+    with pytest.raises(common.UserError, match="recipe_changes {} then, {'packing': True} now"):
+        finetune.checkpoint_to_resume(settings, {"packing": True})
 
 
 def test_rerun_with_other_base_model_is_refused(trained, tmp_path, capsys):
@@ -120,8 +124,8 @@ def test_newest_checkpoint_cut_off_while_saving_is_skipped(trained, tmp_path):
     results = tmp_path / "results"
     shutil.copytree(workdir / "results", results)
     os.remove(results / "checkpoint-6" / "trainer_state.json")  # what a kill during the save of step 6 leaves
-    settings = finetune.parse_settings_for_this_gpu([*args, "--output_dir", str(results)])
-    assert finetune.checkpoint_to_resume(settings) == str(results / "checkpoint-5")
+    settings = finetune.parse_settings(finetune.Settings, [*args, "--output_dir", str(results), "--gpu_recipe", "tutorial"])
+    assert finetune.checkpoint_to_resume(settings, {}) == str(results / "checkpoint-5")
 
 
 def slow_run_args(model, data, workdir):
