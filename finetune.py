@@ -595,6 +595,7 @@ class StopWhenTrainingBreaks(TrainerCallback):
         for key in self.KEYS:
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
+                print(file=sys.stderr)  # ends the progress bar's line, so the error has one of its own
                 raise UserError(
                     f"training broke at step {state.global_step}: the {key} is {value}. Nothing was saved to "
                     f"--new_model, and no checkpoint after step {state.global_step - 1} either. Lower --learning_rate "

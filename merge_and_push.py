@@ -457,6 +457,9 @@ def hub_errors(folder, repo_id):
         yield
     except (OSError, httpx2.HTTPError) as error:  # HfHubHTTPError is both; httpx2's transport errors are neither
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        server_says = getattr(error, "server_message", None)  # the Hub's own words, where it answered
+        if server_says:
+            first_line += f": {server_says.strip().splitlines()[0]}"
         raise UserError(
             f"the upload of {folder} to {repo_id} failed ({first_line}): check your network and token, then rerun "
             "the same command to resume it; the merged folder is kept and pushed as it is"
