@@ -50,7 +50,9 @@ def parse_settings(settings_class, argv=None):
         known = [option for action in parser._actions for option in action.option_strings]
         first = unknown[0]
         if not first.startswith("-"):
-            raise UserError(f"unexpected '{first}' on the command line: settings go as --name value (--help lists them)")
+            raise UserError(
+                f"unexpected '{first}' on the command line: settings go as --name value (--help lists them)"
+            )
         close = difflib.get_close_matches(first.split("=")[0], known, n=2)
         hint = f"did you mean {' or '.join(close)}?" if close else "--help lists every setting"
         raise UserError(f"unknown setting {first}: {hint}")
@@ -120,7 +122,9 @@ def check_model_weights(model_name):
 def check_folder_can_be_written(path, option):
     """Before any work: a folder the run writes is not an existing file, and the disk it goes on takes files."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--{option} '{path}' is a file, not a folder: choose another --{option} (the file is left as it is)")
+        raise UserError(
+            f"--{option} '{path}' is a file, not a folder: choose another --{option} (the file is left as it is)"
+        )
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -52,9 +52,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback, TrainerState
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME
 from transformers.trainer_utils import SchedulerType, sort_checkpoints
 from transformers.training_args import OptimizerNames
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
 import data
@@ -459,10 +459,10 @@ def check_target_modules(settings, config):
         layers = dict(AutoModelForCausalLM.from_config(config).named_modules())
     missing = [name for name in names if not any(layer == name or layer.endswith(f".{name}") for layer in layers)]
     if missing:
-        linear = sorted({layer.rsplit(".", 1)[-1] for layer, module in layers.items() if isinstance(module, torch.nn.Linear)})
+        linear = {layer.rsplit(".", 1)[-1] for layer, module in layers.items() if isinstance(module, torch.nn.Linear)}
         raise UserError(
             f"--lora_target_modules: '{settings.model_name}' has no layer called {', '.join(missing)}: its linear "
-            f"layers are {', '.join(linear)}; name some of them, or pass all-linear"
+            f"layers are {', '.join(sorted(linear))}; name some of them, or pass all-linear"
         )
 
 
@@ -734,7 +734,7 @@ def main(argv=None, callbacks=()):
             answer = None
             if under_fsdp():
                 # Each GPU holds a shard of the model: generating would need every process in step with the main one
-                print("no sample answer under FSDP (the model is sharded across the GPUs): try the merged model instead")
+                print("no sample answer under FSDP (the model is sharded across the GPUs): try the merged model")
             elif settings.sample_max_new_tokens > 0:
                 answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
                 print(f"{settings.sample_prompt}\n>>> {answer}")

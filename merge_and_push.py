@@ -100,7 +100,9 @@ def check_settings(settings):
             "rows before it is pushed; the default is 8"
         )
     if not (math.isfinite(settings.verify_max_kl) and settings.verify_max_kl >= 0):
-        raise UserError(f"--verify_max_kl must be a finite number, 0 or more (got {settings.verify_max_kl}); the default is 0.01")
+        raise UserError(
+            f"--verify_max_kl must be a finite number, 0 or more (got {settings.verify_max_kl}); the default is 0.01"
+        )
 
 
 def check_adapter(settings):
@@ -179,7 +181,8 @@ def check_merged_dir(settings):
     parent = os.path.dirname(os.path.abspath(settings.merged_dir))
     if not os.path.isdir(parent):
         raise UserError(
-            f"the folder '{parent}' that would hold --merged_dir does not exist: create it, or choose another --merged_dir"
+            f"the folder '{parent}' that would hold --merged_dir does not exist: create it, or choose another "
+            "--merged_dir"
         )
     check_folder_can_be_written(settings.merged_dir, "merged_dir")
 
@@ -237,7 +240,9 @@ def read_training_info(adapter_dir):
     for name, value in recorded.items():
         choices = fields[name].metadata.get("choices") if name in fields else None
         if choices and value not in choices:  # attn_implementation can name a Hub kernel: code from the Hub
-            raise UserError(f"'{path}' records {name} '{value}', which finetune.py does not take ({', '.join(choices)})")
+            raise UserError(
+                f"'{path}' records {name} '{value}', which finetune.py does not take ({', '.join(choices)})"
+            )
     return info, finetune.Settings(**{k: v for k, v in recorded.items() if k in fields})
 
 

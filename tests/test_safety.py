@@ -591,7 +591,7 @@ def plant_remote_code(folder, marker):
             (folder / name).write_text(json.dumps({**config, "auto_map": auto_map}))
 
 
-def test_adapter_folder_cannot_turn_on_remote_code_or_pick_the_model(trained, tiny_model, tmp_path, capsys):
+def test_adapter_folder_cannot_turn_on_remote_code_or_pick_the_model(trained, tiny_model, tmp_path, monkeypatch):
     """An adapter folder is input: its training_info.json says trust_remote_code and names a model folder with an
     auto_map; the merge loads --model_name with the command line's trust_remote_code (off), and no planted code runs."""
     _, workdir, _ = trained
@@ -605,15 +605,14 @@ def test_adapter_folder_cannot_turn_on_remote_code_or_pick_the_model(trained, ti
     (adapter / finetune.TRAINING_INFO).write_text(json.dumps(info))
 
     loaded = []
-    from_pretrained = merge_and_push.AutoModelForCausalLM.from_pretrained
-    original = from_pretrained.__func__
-    merge_and_push.AutoModelForCausalLM.from_pretrained = classmethod(
-        lambda cls, name, *a, **kw: loaded.append((str(name), kw.get("trust_remote_code"))) or original(cls, name, *a, **kw)
-    )
-    try:
-        merge_and_push.main(merge_args(tiny_model, tmp_path, "--merged_dir", str(tmp_path / "merged"), "--no_push"))
-    finally:
-        merge_and_push.AutoModelForCausalLM.from_pretrained = from_pretrained
+    original = merge_and_push.AutoModelForCausalLM.from_pretrained.__func__
+
+    def recording(cls, name, *args, **kwargs):
+        loaded.append((str(name), kwargs.get("trust_remote_code")))
+        return original(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(merge_and_push.AutoModelForCausalLM, "from_pretrained", classmethod(recording))
+    merge_and_push.main(merge_args(tiny_model, tmp_path, "--merged_dir", str(tmp_path / "merged"), "--no_push"))
     assert not marker.exists(), "code from the adapter's or the model's folder ran"
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert loaded and all(trust is False for _, trust in loaded)
@@ -676,7 +675,8 @@ def test_loss_that_becomes_nan_stops_the_run_and_saves_no_adapter(tiny_model, tu
     """A learning rate of 1e30 is finite (refused only when not), and turns the weights to inf and the loss to NaN
     within a few steps."""
     args = tiny_run_args(tiny_model, tutorial_data, tmp_path, "--learning_rate", "1e30", "--logging_steps", "5",
-                         "--max_steps", "12", "--save_steps", "2", "--save_total_limit", "20", "--report_to", "none")  # fmt: skip
+                         "--max_steps", "12", "--save_steps", "2", "--save_total_limit", "20",
+                         "--report_to", "none")  # fmt: skip
     line = assert_refused(finetune, args, capsys, "training broke at step", "Nothing was saved", "--learning_rate")
     step = int(line.split("training broke at step ")[1].split(":")[0])
     assert step < 12 and ("loss is nan" in line or "grad_norm is" in line)
@@ -723,7 +723,8 @@ def test_finished_run_is_not_trained_again(trained, tmp_path, monkeypatch, capsy
     args = [*args, "--output_dir", str(tmp_path / "results"), "--new_model", str(tmp_path / "adapter")]
     monkeypatch.setattr(finetune.SFTTrainer, "training_step", lambda *a, **kw: pytest.fail("trained a step again"))
     finetune.main(args)
-    assert "checkpoint-6 is the last step of this run: saving its adapter, not training again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "checkpoint-6 is the last step of this run: saving its adapter, not training again" in out
     info = json.loads((tmp_path / "adapter" / finetune.TRAINING_INFO).read_text())
     assert info["global_step"] == 6 and max(losses_by_step(info["log_history"])) == 6
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
