@@ -660,8 +660,11 @@ def test_adapter_whose_config_rank_differs_from_its_weights_is_one_line(trained,
 def test_ctrl_c_while_the_libraries_load_is_one_line(script):
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--help"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=ROOT, stdin=subprocess.DEVNULL)  # fmt: skip
-    time.sleep(1.0)  # Python is up, the handler set; torch, transformers and trl take seconds more
-    assert process.poll() is None, "the imports ended within a second: the test cannot hit them"
+    deadline = time.monotonic() + 60
+    while "libtorch" not in open(f"/proc/{process.pid}/maps").read():  # torch loading: the handler is set by then,
+        assert time.monotonic() < deadline and process.poll() is None  # and transformers and trl take seconds more
+        time.sleep(0.02)
+    assert process.poll() is None, "the imports ended before the test could hit them"
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr and not stdout
