@@ -1,6 +1,7 @@
 """What finetune.py and merge_and_push.py share: the settings they both name, the command line, the tokenizer
 set-up, the choice of device, and the one-line error a user sees instead of a traceback."""
 
+import dataclasses
 import difflib
 import glob
 import json
@@ -47,7 +48,8 @@ def parse_settings(settings_class, argv=None):
     parser = HfArgumentParser(settings_class)
     settings, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        known = [option for action in parser._actions for option in action.option_strings]
+        fields = dataclasses.fields(settings_class)
+        known = [f"--{f.name}" for f in fields] + [f"--no_{f.name}" for f in fields if f.default is True]
         first = unknown[0]
         if not first.startswith("-"):
             raise UserError(
