@@ -512,6 +512,15 @@ def pickle_weights_only(tiny_model, tmp_path, monkeypatch):
     return ["--model_name", str(model)], ["no .safetensors weights", "pytorch_model.bin", "save_pretrained"]
 
 
+def code_of_its_own(tiny_model, tmp_path, monkeypatch):
+    """A model type transformers does not know, whose config's auto_map names the folder's own code."""
+    model = model_copy(tiny_model, tmp_path)
+    plant_remote_code(model, tmp_path / "remote-code-ran")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "evil_llama"}))
+    return ["--model_name", str(model)], ["needs Python code of its own", "auto_map", "--trust_remote_code"]
+
+
 def existing_file(option):
     def make(tiny_model, tmp_path, monkeypatch):
         path = tmp_path / "mine.txt"
@@ -546,6 +555,7 @@ def option(*args_and_words):
                      f"name the folder that holds the model ('{m}')"]), id="model_name is config.json"),  # fmt: skip
         pytest.param(cut_weights, id="model.safetensors cut off"),
         pytest.param(pickle_weights_only, id="only pytorch_model.bin"),
+        pytest.param(code_of_its_own, id="model code of its own without --trust_remote_code"),
         pytest.param(option("--lora_target_modules", "qkv", ["has no layer called qkv", "q_proj", "all-linear"]),
                      id="lora_target_modules names no layer"),  # fmt: skip
         pytest.param(option("--lora_target_modules", "q_proj,vproj", ["has no layer called vproj:", "v_proj"]),
