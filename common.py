@@ -1,16 +1,21 @@
 """What finetune.py and merge_and_push.py share: the settings they both name, the command line, the tokenizer
 set-up, the choice of device, and the one-line error a user sees instead of a traceback."""
 
+import dataclasses
+import difflib
+import glob
 import json
 import os
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 # Bigger models are refused on a machine without CUDA: the CPU path is for tests and smoke runs, and a 7B model in
@@ -42,7 +47,18 @@ class ModelSettings:
 def parse_settings(settings_class, argv=None):
     """The dataclass's defaults, with whatever the command line overrides (`--name value`)."""
     parser = HfArgumentParser(settings_class)
-    (settings,) = parser.parse_args_into_dataclasses(args=argv)
+    settings, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        fields = dataclasses.fields(settings_class)
+        known = [f"--{f.name}" for f in fields] + [f"--no_{f.name}" for f in fields if f.default is True]
+        first = unknown[0]
+        if not first.startswith("-"):
+            raise UserError(
+                f"unexpected '{first}' on the command line: settings go as --name value (--help lists them)"
+            )
+        close = difflib.get_close_matches(first.split("=")[0], known, n=2)
+        hint = f"did you mean {' or '.join(close)}?" if close else "--help lists every setting"
+        raise UserError(f"unknown setting {first}: {hint}")
     return settings
 
 
@@ -72,12 +88,70 @@ def run_cli(main):
 
 
 def load_config(model_name, trust_remote_code):
+    if os.path.isfile(model_name):
+        raise UserError(
+            f"--model_name '{model_name}' is a file: name the folder that holds the model "
+            f"('{os.path.dirname(model_name) or '.'}'), or a Hub id"
+        )
     try:
         return AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise UserError(
+            f"the model '{model_name}' needs Python code of its own to load (its config's auto_map), which runs only "
+            "with --trust_remote_code: pass it if you trust that code"
+        ) from None
     except OSError as error:
         raise UserError(
             f"cannot load the model '{model_name}': not a local folder with a config.json, and not reachable on "
             f"the Hugging Face Hub ({str(error).splitlines()[0]}). Check --model_name, your network or `hf auth login`."
+        ) from None
+
+
+def check_model_weights(model_name):
+    """A local model folder holds whole safetensors weights, read from their headers (nothing is loaded): pickled
+    weights (pytorch_model.bin) are never loaded, as loading them can run code, and a cut-off or corrupt file stops
+    here rather than in the middle of the load. A Hub id is left to from_pretrained(use_safetensors=True)."""
+    if not os.path.isdir(model_name):
+        return
+    files = sorted(glob.glob(os.path.join(model_name, "*.safetensors")))
+    if not files:
+        pickles = sorted(name for name in os.listdir(model_name) if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        held = f" (it holds {', '.join(pickles)})" if pickles else ""
+        raise UserError(
+            f"the model folder '{model_name}' has no .safetensors weights{held}: pickled weights are not loaded, as "
+            "loading them can run code. Convert them where you trust them (load, then save_pretrained: it writes "
+            "safetensors), or use the model's safetensors release"
+        )
+    for file in files:
+        try:
+            with safe_open(file, "pt") as f:
+                f.keys()
+        except Exception as error:  # safetensors raises its own error types, and OSError
+            raise UserError(
+                f"'{file}' is not a whole safetensors file ({str(error).splitlines()[0] if str(error) else error!r}): "
+                "it may be cut off or corrupt. Download or copy it again"
+            ) from None
+
+
+def check_folder_can_be_written(path, option):
+    """Before any work: a folder the run writes is not an existing file, and the disk it goes on takes files."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(
+            f"--{option} '{path}' is a file, not a folder: choose another --{option} (the file is left as it is)"
+        )
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--{option} '{path}' cannot be made: '{existing}' is a file. Choose another --{option}")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise UserError(
+            f"--{option} '{path}': cannot write in '{existing}' ({error.strerror}): choose a --{option} on a disk "
+            "you can write to"
         ) from None
 
 
@@ -134,7 +208,11 @@ def folder_written_whole(path, main_process=True):
         return
     shutil.rmtree(partial, ignore_errors=True)  # what a crashed earlier write left
     os.makedirs(partial)
-    yield partial
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a full disk gets its space back; `path` is as it was
+        raise
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)  # a directory cannot be os.replace()d over a non-empty one: step it aside first

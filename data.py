@@ -370,22 +370,24 @@ def render_chats(tokenizer, conversations, answers_only):
 
 def tokenize_rows(rows, tokenizer, answers_only, limit):
     """Token ids of the rows as the trainer will see them, and the rows that keep a token carrying loss within
-    `limit` tokens (trl cuts rows at max_length and drops those left without one): (ids, kept row indices)."""
+    `limit` tokens (trl cuts rows at max_length and drops those left without one): (ids, kept row indices).
+    The loss shifts the labels by one (each token predicts the next), so the first token never carries loss: a row
+    needs one at positions 1 to limit - 1."""
     if "text" in rows.column_names:
         ids = text_ids(tokenizer, column_values(rows, "text"))
-        return ids, [i for i, row_ids in enumerate(ids) if row_ids]
+        return ids, [i for i, row_ids in enumerate(ids) if min(len(row_ids), limit) >= 2]
     conversations = column_values(rows, "messages")
     # The template's text tokenized without special tokens: what apply_chat_template(tokenize=True) gives, but
     # without its per-token Python loop for the loss mask, which takes most of the check's time on 100,000 rows.
     ids = tokenizer(render_chats(tokenizer, conversations, answers_only), add_special_tokens=False)["input_ids"]
     if not answers_only:
-        return ids, [i for i, row_ids in enumerate(ids) if row_ids]
+        return ids, [i for i, row_ids in enumerate(ids) if min(len(row_ids), limit) >= 2]
     # An assistant turn always carries loss (its generation marks hold at least the EOS); only for a row that is cut
     # must the mask say whether any of it is left
     answered = [i for i, chat in enumerate(conversations) if any(m["role"] == "assistant" for m in chat)]
     cut = [i for i in answered if len(ids[i]) > limit]
     cut_masks = dict(zip(cut, loss_masks(tokenizer, [conversations[i] for i in cut], True)[1])) if cut else {}
-    return ids, [i for i in answered if i not in cut_masks or any(cut_masks[i][:limit])]
+    return ids, [i for i in answered if i not in cut_masks or any(cut_masks[i][1:limit])]
 
 
 def example_row(rows, tokenizer, answers_only, row):

@@ -19,12 +19,24 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
+
+
+def interrupted_while_loading(signum, frame):
+    print("interrupted (Ctrl-C) while loading the libraries: nothing was started", file=sys.stderr)
+    sys.exit(130)
+
+
+# Ctrl-C during the imports below (seconds of torch, transformers, trl): one line, not a traceback. run_cli takes
+# Ctrl-C over once they are done.
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted_while_loading)
 
 # Before torch starts CUDA: the allocator grows its memory segments in place instead of reserving new blocks for each
 # new size, so little more is reserved than is in use (bench/RESULTS.md). A setting of the user's own is kept.
@@ -33,12 +45,15 @@ if "PYTORCH_ALLOC_CONF" not in os.environ:
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+from bitsandbytes.optim.optimizer import Optimizer8bit
+from peft import LoraConfig, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback, TrainerState
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import SchedulerType, sort_checkpoints
 from transformers.training_args import OptimizerNames
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 
 import data
@@ -46,7 +61,9 @@ import recipes
 from common import (
     ModelSettings,
     UserError,
+    check_folder_can_be_written,
     check_model_fits_the_machine,
+    check_model_weights,
     device_map_for,
     folder_written_whole,
     load_config,
@@ -58,6 +75,9 @@ from common import (
     under_fsdp,
     write_json_whole,
 )
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass
@@ -177,6 +197,10 @@ MUST_BE_POSITIVE = [
 
 
 def check_settings(settings):
+    for field in dataclasses.fields(Settings):  # nan passes every comparison below, inf most of them
+        value = getattr(settings, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{field.name} must be a finite number (got {value}); the default is {field.default}")
     for name in MUST_BE_POSITIVE:
         if getattr(settings, name) <= 0:
             default = Settings.__dataclass_fields__[name].default
@@ -203,6 +227,8 @@ def check_settings(settings):
             f"--precision bf16: this GPU ({torch.cuda.get_device_name(0)}) does not support bf16: "
             "use --precision auto (fp16 on this GPU) or --precision fp16"
         )
+    check_folder_can_be_written(settings.output_dir, "output_dir")
+    check_folder_can_be_written(settings.new_model, "new_model")
     if os.path.isdir(settings.new_model) and os.listdir(settings.new_model) and not settings.overwrite_adapter:
         raise UserError(
             f"the adapter folder '{settings.new_model}' already holds files (an earlier run's adapter?): pass "
@@ -238,27 +264,50 @@ RUN_SETTINGS_FILE = "run_settings.json"
 RUN_KEYS = [
     "gpu_recipe",  # as picked: with auto, another GPU or less free memory would pick another batch size
     "model_name",
+    # the rows, and which of them are held out
     "dataset_name",
-    "lora_r",
-    "lora_alpha",
-    "use_4bit",
-    "bnb_4bit_quant_type",
-    "lora_target_modules",
+    "dataset_config",
+    "dataset_split",
+    "text_column",
+    "prompt_column",
+    "response_column",
+    "loss_on",
+    "eval_dataset",
+    "eval_fraction",
+    "eval_seed",
     "max_length",
     "packing",
+    "padding_free",
+    "group_by_length",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "max_steps",
     "num_train_epochs",
+    # what an update does
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_4bit",
+    "bnb_4bit_quant_type",
+    "use_nested_quant",
+    "precision",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "optim",
+    "weight_decay",
+    "max_grad_norm",
 ]
 
 
 def run_settings(settings, recipe_changes):
     keys = {key: getattr(settings, key) for key in RUN_KEYS}
     keys["recipe_changes"] = recipe_changes  # with auto, another card or model length picks another memory mode
-    if os.path.isfile(settings.dataset_name):  # a local file edited since is another data set under the same name
-        with open(settings.dataset_name, "rb") as f:
-            keys["dataset_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    for key in ("dataset_name", "eval_dataset"):  # a local file edited since is another data set under the same name
+        if os.path.isfile(getattr(settings, key)):
+            with open(getattr(settings, key), "rb") as f:
+                keys[f"{key.removesuffix('_name')}_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     return keys
 
 
@@ -272,9 +321,9 @@ def checkpoint_to_resume(settings, recipe_changes):
     if not os.path.isdir(settings.output_dir):
         return None
     # Not transformers' get_last_checkpoint: it would pick a checkpoint cut off while being saved. The trainer writes
-    # trainer_state.json last, so a checkpoint that has it is complete.
+    # trainer_state.json last, so a checkpoint that has it whole is complete.
     checkpoints = sort_checkpoints(settings.output_dir)
-    complete = [path for path in checkpoints if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME))]
+    complete = [path for path in checkpoints if read_trainer_state(path) is not None]
     if not complete:
         return None
     try:
@@ -364,7 +413,24 @@ def make_lora_config(settings):
 def parse_target_modules(names):
     if not names:
         return None  # peft picks the architecture's default
-    return names if names == "all-linear" else [name.strip() for name in names.split(",")]
+    return names if names == "all-linear" else [name.strip() for name in names.split(",") if name.strip()]
+
+
+def check_target_modules(settings, config):
+    """Every layer name in --lora_target_modules names a layer of the model (peft's rule: the full name, or its end
+    after a dot), found on the meta device before any weight loads. peft stops only when none matches, after loading."""
+    names = parse_target_modules(settings.lora_target_modules)
+    if not isinstance(names, list):
+        return
+    with torch.device("meta"):
+        layers = dict(AutoModelForCausalLM.from_config(config).named_modules())
+    missing = [name for name in names if not any(layer == name or layer.endswith(f".{name}") for layer in layers)]
+    if missing:
+        linear = {layer.rsplit(".", 1)[-1] for layer, module in layers.items() if isinstance(module, torch.nn.Linear)}
+        raise UserError(
+            f"--lora_target_modules: '{settings.model_name}' has no layer called {', '.join(missing)}: its linear "
+            f"layers are {', '.join(sorted(linear))}; name some of them, or pass all-linear"
+        )
 
 
 def full_length(settings):
@@ -399,6 +465,7 @@ def make_training_config(settings, bf16, answers_only=False, has_eval=False):
         save_steps=settings.save_steps if settings.save_steps > 0 else 500,
         save_total_limit=settings.save_total_limit,
         logging_steps=settings.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as one, for StopWhenTrainingBreaks to see
         report_to=settings.report_to,
         bf16=bf16,
         fp16=False,
@@ -420,9 +487,27 @@ def make_training_config(settings, bf16, answers_only=False, has_eval=False):
 
 
 # Step 10. Train and save the adapter, then let it answer one question
-def trainer_step(checkpoint):
-    with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as f:
-        return json.load(f)["global_step"]
+def read_trainer_state(checkpoint):
+    """The checkpoint's trainer_state.json, or None where it is missing or cut off (a kill while it was written)."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as f:
+            state = json.load(f)
+        return state if isinstance(state, dict) and "global_step" in state else None
+    except (OSError, ValueError):
+        return None
+
+
+def run_is_finished(checkpoint):
+    """The checkpoint of a run's last step: resumed, the trainer would train one step past it."""
+    state = read_trainer_state(checkpoint)
+    return state["global_step"] >= state["max_steps"]
+
+
+def take_finished_checkpoint(trainer, checkpoint):
+    """The trainer as it ended the run: the checkpoint's LoRA weights, copied into the model's own (so in their dtype:
+    peft's load_adapter would upcast them), and its state (steps, log history)."""
+    set_peft_model_state_dict(trainer.model, load_file(os.path.join(checkpoint, ADAPTER_SAFE_WEIGHTS_NAME)))
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
 
 
 def sample_answer(model, tokenizer, question, max_new_tokens):
@@ -462,6 +547,55 @@ class SaveOnCtrlC(TrainerCallback):
             control.should_training_stop = True
 
 
+class StopWhenTrainingBreaks(TrainerCallback):
+    """A loss or gradient norm that is NaN or inf stops the run with one line: every update after it is NaN too, and
+    the adapter saved at the end would be worthless. transformers only hides such losses in its logs
+    (logging_nan_inf_filter, turned off in make_training_config) and has no stop for them. Checked in every log, and
+    a log is asked for before every checkpoint, so no checkpoint of a broken run is saved either."""
+
+    KEYS = ("loss", "grad_norm", "eval_loss", "train_loss")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in self.KEYS:
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                print(file=sys.stderr)  # ends the progress bar's line, so the error has one of its own
+                raise UserError(
+                    f"training broke at step {state.global_step}: the {key} is {value}. Nothing was saved to "
+                    f"--new_model, and no checkpoint after step {state.global_step - 1} either. Lower --learning_rate "
+                    f"({args.learning_rate}) or --max_grad_norm ({args.max_grad_norm}) and start again in another "
+                    "--output_dir"
+                )
+
+
+class KeepAdapterDtypes(TrainerCallback):
+    """Resuming, the trainer loads the checkpoint's adapter with peft's load_adapter, which upcasts bf16 LoRA weights
+    to fp32 (peft's autocast_adapter_dtype, which the trainer does not pass on): the resumed run would then train and
+    save in another precision than the run it continues. Before the first step, this puts every trainable weight back
+    in the dtype trl gave it, and the state of a torch optimizer with it (torch keeps it in the weight's dtype;
+    bitsandbytes' optimizers keep theirs in fp32 whatever the weight's, as in the run being continued)."""
+
+    def __init__(self, model):
+        self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around it
+        for name, param in model.named_parameters():
+            dtype = self.dtypes.get(name)
+            if dtype is None or param.dtype == dtype:
+                continue
+            param.data = param.data.to(dtype)
+            if optimizer is not None and not isinstance(optimizer, Optimizer8bit):
+                moments = optimizer.state.get(param, {})
+                for key, value in moments.items():
+                    if torch.is_tensor(value) and value.is_floating_point() and value.shape == param.shape:
+                        moments[key] = value.to(dtype)
+
+
 TRAINING_INFO = "training_info.json"
 LIBRARIES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "huggingface_hub"]
 
@@ -470,7 +604,7 @@ def last_logged(log_history, key):
     return next((entry[key] for entry in reversed(log_history) if key in entry), None)
 
 
-def save_training_info(trainer, settings, answer):
+def save_training_info(trainer, settings, answer, folder):
     """What the model card needs, beside the adapter: the settings (there is no token among them), versions, time,
     GPU, tokens seen, the trainer's log history and the sample answer merge_and_push.py prints beside its own."""
     log_history = trainer.state.log_history
@@ -487,7 +621,7 @@ def save_training_info(trainer, settings, answer):
         "log_history": log_history,
         "sample": {"prompt": settings.sample_prompt, "answer": answer},
     }
-    write_json_whole(os.path.join(settings.new_model, TRAINING_INFO), info)  # whole, like the adapter beside it
+    write_json_whole(os.path.join(folder, TRAINING_INFO), info)
 
 
 
@@ -500,6 +634,9 @@ def main(argv=None, callbacks=()):
     if not settings.check_data:  # the check needs no model weights and no GPU
         check_model_fits_the_machine(settings.model_name, config)
     settings, recipe = recipes.pick(settings, settings_you_chose(argv), config)
+    if not settings.check_data:
+        check_model_weights(settings.model_name)
+        check_target_modules(settings, config)  # the recipe's too: it names all linear layers
     print(recipes.describe(recipe, {name: Settings.__dataclass_fields__[name].default for name in recipe.changes}))
     checkpoint = checkpoint_to_resume(settings, recipe.changes)
     tokenizer = load_tokenizer(settings.model_name, settings.trust_remote_code)
@@ -531,16 +668,22 @@ def main(argv=None, callbacks=()):
         eval_dataset=dataset.eval,
         processing_class=tokenizer,
         peft_config=make_lora_config(settings),
-        callbacks=[ctrl_c, *callbacks],
+        callbacks=[ctrl_c, StopWhenTrainingBreaks(), *callbacks],
     )
+    trainer.add_callback(KeepAdapterDtypes(trainer.model))
     trainer.add_callback(recipes.SmallerBatchAfterOutOfMemory(trainer.data_collator, settings, full_length))
 
     if is_main_process:
         save_run_settings(settings, recipe.changes)
-    if checkpoint:
-        print(f"resuming from {checkpoint} (step {trainer_step(checkpoint)}): the same settings' earlier run")
-    with ctrl_c.listening(), recipes.no_batch_fits_is_one_line():
-        trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint and run_is_finished(checkpoint):
+        print(f"{checkpoint} is the last step of this run: saving its adapter, not training again")
+        take_finished_checkpoint(trainer, checkpoint)
+    else:
+        if checkpoint:
+            step = read_trainer_state(checkpoint)["global_step"]
+            print(f"resuming from {checkpoint} (step {step}): the same settings' earlier run")
+        with ctrl_c.listening(), recipes.no_batch_fits_is_one_line():
+            trainer.train(resume_from_checkpoint=checkpoint)
     if ctrl_c.requested:
         print(
             f"stopped: checkpoint of step {trainer.state.global_step} saved in {settings.output_dir}. "
@@ -549,23 +692,25 @@ def main(argv=None, callbacks=()):
         )
         sys.exit(130)  # the shell's status for Ctrl-C: a script running this then merge_and_push.py stops here
     if dataset.eval is not None and is_main_process:
-        final_eval = next(entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry)
-        print(f"eval loss at step {final_eval['step']}: {final_eval['eval_loss']:.4f}")
+        final_eval = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+        if final_eval:
+            print(f"eval loss at step {final_eval['step']}: {final_eval['eval_loss']:.4f}")
 
     # Every process calls save_model (under FSDP the adapter is gathered from all of them); only the main one writes,
-    # and only it moves the finished folder into place
+    # and only it moves the finished folder, training_info.json in it, into place
     with folder_written_whole(settings.new_model, main_process=is_main_process) as folder:
         trainer.save_model(folder)  # the adapter (not the base model) and the tokenizer
+        if is_main_process:
+            answer = None
+            if under_fsdp():
+                # Each GPU holds a shard of the model: generating would need every process in step with the main one
+                print("no sample answer under FSDP (the model is sharded across the GPUs): try the merged model")
+            elif settings.sample_max_new_tokens > 0:
+                answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
+                print(f"{settings.sample_prompt}\n>>> {answer}")
+            save_training_info(trainer, settings, answer, folder)
     if is_main_process:
         print(f"adapter saved to {settings.new_model}")
-        answer = None
-        if under_fsdp():
-            # Each GPU holds a shard of the model: generating would need every process in step with the main one
-            print("no sample answer under FSDP (the model is sharded across the GPUs): try the merged model instead")
-        elif settings.sample_max_new_tokens > 0:
-            answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
-            print(f"{settings.sample_prompt}\n>>> {answer}")
-        save_training_info(trainer, settings, answer)
     return trainer
 
 

@@ -13,16 +13,31 @@ card (README.md, training_loss.png), and only then is that folder uploaded.
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+
+def interrupted_while_loading(signum, frame):
+    print("interrupted (Ctrl-C) while loading the libraries: nothing was started", file=sys.stderr)
+    sys.exit(130)
+
+
+# Ctrl-C during the imports below: one line, not a traceback (run_cli takes it over once they are done)
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted_while_loading)
+
+import httpx2  # huggingface_hub's HTTP client: its connection errors are not OSErrors
 import torch
 import torch.nn.functional as F
 from huggingface_hub import CommitOperationAdd, HfApi, get_token, interpreter_login
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import card
@@ -31,6 +46,8 @@ import finetune
 from common import (
     ModelSettings,
     UserError,
+    check_folder_can_be_written,
+    check_model_weights,
     count_parameters,
     device_map_for,
     folder_written_whole,
@@ -41,6 +58,9 @@ from common import (
     setting,
     write_json_whole,
 )
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Written last into the merged folder: which adapter it was merged from. A folder that has it, with today's adapter,
 # is complete and current: a rerun (after a failed upload) pushes it as it is.
@@ -73,6 +93,18 @@ class Settings(ModelSettings):
     adapter_repo: str = setting("", "Hub repo of the adapter (default: <hub_repo>-adapter)")
 
 
+def check_settings(settings):
+    if settings.verify_rows < 1:
+        raise UserError(
+            f"--verify_rows must be at least 1 (got {settings.verify_rows}): the merged model is checked on that many "
+            "rows before it is pushed; the default is 8"
+        )
+    if not (math.isfinite(settings.verify_max_kl) and settings.verify_max_kl >= 0):
+        raise UserError(
+            f"--verify_max_kl must be a finite number, 0 or more (got {settings.verify_max_kl}); the default is 0.01"
+        )
+
+
 def check_adapter(settings):
     """The adapter finetune.py wrote is there, whole, and was trained on the base model this script will load."""
     adapter_config = os.path.join(settings.new_model, "adapter_config.json")
@@ -86,11 +118,29 @@ def check_adapter(settings):
                 "Run finetune.py again to save the adapter, or check --new_model"
             )
     with open(adapter_config) as f:
-        trained_on = json.load(f).get("base_model_name_or_path")
+        lora = json.load(f)
+    trained_on = lora.get("base_model_name_or_path")
     if not same_model(trained_on, settings.model_name):
         raise UserError(
             f"the adapter in '{settings.new_model}' was trained on '{trained_on}', not on '{settings.model_name}': "
             f"pass --model_name {trained_on}"
+        )
+    check_adapter_rank(settings.new_model, lora, weights)
+
+
+def check_adapter_rank(folder, lora, weights):
+    """The LoRA weights have the rank adapter_config.json says (their shapes, from the file's header): a folder that
+    mixes two runs' files would otherwise stop only once the base model is loaded."""
+    try:
+        with safe_open(weights, "pt") as f:
+            ranks = {f.get_slice(name).get_shape()[0] for name in f.keys() if "lora_A" in name}
+    except Exception as error:  # safetensors raises its own error types, and OSError
+        raise UserError(f"'{weights}' is not a whole safetensors file ({error}): run finetune.py again") from None
+    if not lora.get("rank_pattern") and ranks and ranks != {lora.get("r")}:
+        raise UserError(
+            f"'{folder}' does not hold one adapter: adapter_config.json says rank {lora.get('r')}, "
+            f"adapter_model.safetensors holds rank {', '.join(map(str, sorted(ranks)))}. Copy the folder again whole, "
+            "or run finetune.py again"
         )
 
 
@@ -126,9 +176,28 @@ def merged_dir_is_current(settings, source):
     )
 
 
+def check_merged_dir(settings):
+    """merged_dir can be written: its parent folder exists, and it is no file."""
+    parent = os.path.dirname(os.path.abspath(settings.merged_dir))
+    if not os.path.isdir(parent):
+        raise UserError(
+            f"the folder '{parent}' that would hold --merged_dir does not exist: create it, or choose another "
+            "--merged_dir"
+        )
+    check_folder_can_be_written(settings.merged_dir, "merged_dir")
+
+
+def merged_folder_bytes(settings, config):
+    """What the merged folder takes: the weights in fp16 (2 bytes a parameter), plus the tokenizer, the card and its
+    plot, counted as the whole adapter folder they are made from (more than they take), plus a margin of 5% and
+    16 MB for the config files and the file system's own blocks."""
+    extras = sum(entry.stat().st_size for entry in os.scandir(settings.new_model) if entry.is_file())
+    return int((count_parameters(config) * 2 + extras) * 1.05) + 16 * 2**20
+
+
 def check_disk_space(settings, config):
-    """The merged model is written in fp16: 2 bytes a parameter, next to the folder it replaces."""
-    needed = count_parameters(config) * 2
+    """The merged folder is written next to the folder it replaces."""
+    needed = merged_folder_bytes(settings, config)
     parent = os.path.dirname(os.path.abspath(settings.merged_dir))
     free = shutil.disk_usage(parent).free
     if needed > free:
@@ -161,10 +230,27 @@ def read_training_info(adapter_dir):
             f"'{adapter_dir}' has no {finetune.TRAINING_INFO}: it was not written by this project's finetune.py. "
             "Check --new_model, or train the adapter again with finetune.py"
         )
-    with open(path) as f:
-        info = json.load(f)
-    known = {field.name for field in dataclasses.fields(finetune.Settings)}
-    return info, finetune.Settings(**{k: v for k, v in info["settings"].items() if k in known})
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        recorded = dict(info["settings"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"'{path}' is not whole ({error}): train the adapter again with finetune.py") from None
+    fields = {field.name: field for field in dataclasses.fields(finetune.Settings)}
+    for name, value in recorded.items():
+        choices = fields[name].metadata.get("choices") if name in fields else None
+        if choices and value not in choices:  # attn_implementation can name a Hub kernel: code from the Hub
+            raise UserError(
+                f"'{path}' records {name} '{value}', which finetune.py does not take ({', '.join(choices)})"
+            )
+    return info, finetune.Settings(**{k: v for k, v in recorded.items() if k in fields})
+
+
+def train_settings_for(settings, recorded):
+    """The settings the base model is loaded with: the 4-bit set-up and the data as finetune.py recorded them, but the
+    model and trust_remote_code as this command says. The adapter folder is input (from the Hub, or a colleague):
+    nothing in it may turn on remote code or load another model than the --model_name checked against it."""
+    return dataclasses.replace(recorded, model_name=settings.model_name, trust_remote_code=settings.trust_remote_code)
 
 
 def load_4bit_base(train_settings):
@@ -213,8 +299,21 @@ def align_special_tokens(model, tokenizer):
     generation.pad_token_id = pad
 
 
+@contextmanager
+def disk_errors(what, folder):
+    """A write that fails (a full disk) ends in one line; folder_written_whole has removed the half-written copy."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(
+            f"writing {what} to '{folder}' failed ({error.strerror or error}): free some space or choose another "
+            "--merged_dir, then rerun; what was there before is kept"
+        ) from None
+
+
 def save_merged(model, tokenizer, merged_dir, source):
-    with folder_written_whole(merged_dir) as folder:  # a crash mid-save leaves no half model to push
+    with disk_errors("the merged model", merged_dir), folder_written_whole(merged_dir) as folder:
+        # a crash mid-save leaves no half model to push
         model.save_pretrained(folder)  # safetensors
         tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, MERGE_SOURCE_FILE), "w") as f:
@@ -274,7 +373,11 @@ def verify_merged(settings, info, train_settings, tokenizer):
     rows_ids = verification_ids(train_settings, tokenizer, settings.verify_rows)
 
     merged = AutoModelForCausalLM.from_pretrained(
-        settings.merged_dir, dtype=compute_dtype, device_map="cuda" if torch.cuda.is_available() else "cpu"
+        settings.merged_dir,
+        dtype=compute_dtype,
+        device_map="cuda" if torch.cuda.is_available() else "cpu",
+        trust_remote_code=settings.trust_remote_code,
+        use_safetensors=True,
     )
     merged_logits = row_logits(merged, rows_ids)
     prompt, budget = train_settings.sample_prompt, train_settings.sample_max_new_tokens
@@ -340,29 +443,46 @@ def render_prompt(tokenizer):
 
 
 def write_merged_card(settings, info, report, tokenizer):
+    with disk_errors("the model card", settings.merged_dir):
+        write_card_files(settings, info, report, tokenizer)
+
+
+def write_card_files(settings, info, report, tokenizer):
     card.plot_training_loss(info["log_history"], os.path.join(settings.merged_dir, card.LOSS_PLOT))
     model_card = card.merged_model_card(info, report, settings.hub_repo, render_prompt(tokenizer))
     model_card.save(os.path.join(settings.merged_dir, "README.md"))
 
 
 # Step 12. Push the merged model and tokenizer to the Hub
+@contextmanager
+def hub_errors(folder, repo_id):
+    """Any failure of a Hub call (an HTTP error, a refused or dropped connection) ends in one line: the merged folder
+    stays, and the rerun pushes it without merging again."""
+    try:
+        yield
+    except (OSError, httpx2.HTTPError) as error:  # HfHubHTTPError is both; httpx2's transport errors are neither
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        server_says = getattr(error, "server_message", None)  # the Hub's own words, where it answered
+        if server_says:
+            first_line += f": {server_says.strip().splitlines()[0]}"
+        raise UserError(
+            f"the upload of {folder} to {repo_id} failed ({first_line}): check your network and token, then rerun "
+            "the same command to resume it; the merged folder is kept and pushed as it is"
+        ) from None
+
+
 def push_folder(folder, repo_id, private):
     api = HfApi()
-    url = api.create_repo(repo_id, private=private, exist_ok=True)
-    # With hf_xet (a huggingface_hub dependency), rerunning an interrupted upload_folder resumes it: files already
-    # committed are skipped, chunks already uploaded are not sent again
-    try:
+    with hub_errors(folder, repo_id):
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        # With hf_xet (a huggingface_hub dependency), rerunning an interrupted upload_folder resumes it: files
+        # already committed are skipped, chunks already uploaded are not sent again
         api.upload_folder(
             repo_id=url.repo_id,
             folder_path=folder,
             commit_message="Upload QLoRA fine-tuned model",
             ignore_patterns=[MERGE_SOURCE_FILE],  # local bookkeeping
         )
-    except OSError as error:  # HfHubHTTPError and network errors are OSErrors
-        raise UserError(
-            f"the upload of {folder} to {url.repo_id} failed ({str(error).splitlines()[0]}): rerun the same command "
-            "to resume it; the merged folder is kept and pushed as it is"
-        ) from None
     print(f"pushed {folder} to {url}")
 
 
@@ -370,14 +490,15 @@ def push_adapter_folder(settings, info, report, tokenizer):
     """The adapter folder as finetune.py saved it, in one commit, with its own card and the loss plot; the card peft
     wrote there and trainer's pickled training_args.bin stay local (training_info.json holds the settings)."""
     api = HfApi()
-    url = api.create_repo(settings.adapter_repo, private=settings.private, exist_ok=True)
-    model_card = card.adapter_model_card(info, report, url.repo_id, settings.hub_repo, render_prompt(tokenizer))
-    files = sorted(set(os.listdir(settings.new_model)) - {"README.md", "training_args.bin"})
-    operations = [CommitOperationAdd(name, os.path.join(settings.new_model, name)) for name in files] + [
-        CommitOperationAdd("README.md", str(model_card).encode()),
-        CommitOperationAdd(card.LOSS_PLOT, os.path.join(settings.merged_dir, card.LOSS_PLOT)),
-    ]
-    api.create_commit(url.repo_id, operations=operations, commit_message="Upload QLoRA adapter")
+    with hub_errors(settings.new_model, settings.adapter_repo):
+        url = api.create_repo(settings.adapter_repo, private=settings.private, exist_ok=True)
+        model_card = card.adapter_model_card(info, report, url.repo_id, settings.hub_repo, render_prompt(tokenizer))
+        files = sorted(set(os.listdir(settings.new_model)) - {"README.md", "training_args.bin"})
+        operations = [CommitOperationAdd(name, os.path.join(settings.new_model, name)) for name in files] + [
+            CommitOperationAdd("README.md", str(model_card).encode()),
+            CommitOperationAdd(card.LOSS_PLOT, os.path.join(settings.merged_dir, card.LOSS_PLOT)),
+        ]
+        api.create_commit(url.repo_id, operations=operations, commit_message="Upload QLoRA adapter")
     print(f"pushed the adapter {settings.new_model} to {url}")
 
 
@@ -386,10 +507,15 @@ def main(argv=None):
     settings.merged_dir = settings.merged_dir or f"{settings.new_model.rstrip('/')}-merged"
     settings.hub_repo = settings.hub_repo or os.path.basename(settings.new_model.rstrip("/"))
     settings.adapter_repo = settings.adapter_repo or f"{settings.hub_repo}-adapter"
+    check_settings(settings)
     check_adapter(settings)
+    check_merged_dir(settings)
     if settings.push:
         check_hub_login(settings)
-    info, train_settings = read_training_info(settings.new_model)
+    info, recorded = read_training_info(settings.new_model)
+    train_settings = train_settings_for(settings, recorded)
+    config = load_config(settings.model_name, settings.trust_remote_code)
+    check_model_weights(settings.model_name)
     source = merge_source(settings)
     # The tokenizer finetune.py saved beside the adapter: the one the model was trained with, chat template included
     tokenizer = load_tokenizer(settings.new_model, settings.trust_remote_code)
@@ -397,7 +523,7 @@ def main(argv=None):
     if merged_dir_is_current(settings, source):
         print(f"{settings.merged_dir} is a complete merge of this adapter: using it, not merging again")
     else:
-        check_disk_space(settings, load_config(settings.model_name, settings.trust_remote_code))
+        check_disk_space(settings, config)
         model = merge_adapter(settings, train_settings)
         align_special_tokens(model, tokenizer)
         save_merged(model, tokenizer, settings.merged_dir, source)
