@@ -205,13 +205,13 @@ def test_check_counts_cut_rows_lost_answers_empty_rows_and_duplicates(tokenizer)
         [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2."}],  # duplicate
         [{"role": "user", "content": long_question}, {"role": "assistant", "content": "780."}],  # answer cut off
         [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4. " * 30}],  # cut
-        [{"role": "user", "content": " "}, {"role": "assistant", "content": ""}],  # empty
+        [{"role": "user", "content": " "}, {"role": "assistant", "content": ""}],  # empty: left out
     ]
     rows = data.Dataset.from_dict({"messages": chats})
     report = data.check_rows(rows, tokenizer, 40, True)
     assert (report.rows, report.rows_cut, report.rows_without_loss) == (5, 2, 1)
     assert (report.empty, report.duplicates) == (1, 1)
-    assert report.keep == [0, 1, 3, 4]
+    assert report.keep == [0, 1, 3]
     assert report.example.endswith("[/INST]⟦2. </s>⟧")
 
 
