@@ -484,11 +484,11 @@ def renders_like_llama2(tokenizer):
         {"role": "assistant", "content": "a"},
         {"role": "user", "content": "q2"},
     ]
-    try:
+    try:  # either can fail: the tokenizer's own on a system turn, the Llama-2 one without a BOS token (Qwen's)
         own = tokenizer.apply_chat_template(probe, tokenize=False)
+        return own == tokenizer.apply_chat_template(probe, tokenize=False, chat_template=LLAMA2_CHAT_TEMPLATE)
     except TemplateError:
         return False
-    return own == tokenizer.apply_chat_template(probe, tokenize=False, chat_template=LLAMA2_CHAT_TEMPLATE)
 
 
 def prompt_inputs(tokenizer, question, return_tensors="pt"):

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import tiny_run_args, tutorial_rows, write_jsonl
+from conftest import ROOT, chat_tokenizer, tiny_run_args, tutorial_rows, write_jsonl
 from test_pipeline import assert_one_line_error, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoTokenizer
+from trl.chat_template_utils import has_generation_markers
 
 import data
 import finetune
@@ -28,6 +29,20 @@ CHAT = [
         {"role": "assistant", "content": f"{a + 2}."},
     ]}
     for a in range(10)
+]  # fmt: skip
+# The chat templates of eight model families, as their tokenizer configs ship them (tests/chat_templates.json says
+# where each comes from), and multi-turn rows with a system turn to render with each
+with open(f"{ROOT}/tests/chat_templates.json") as f:
+    TEMPLATES = json.load(f)
+CAPITALS = [
+    {"messages": [
+        {"role": "system", "content": "Answer in one sentence."},
+        {"role": "user", "content": f"What is the capital of {country}?"},
+        {"role": "assistant", "content": f"The capital of {country} is {city}."},
+        {"role": "user", "content": "And its river?"},
+        {"role": "assistant", "content": f"{city} lies on the {river}."},
+    ]}
+    for country, city, river in [("France", "Paris", "Seine"), ("Italy", "Rome", "Tiber"), ("Egypt", "Cairo", "Nile")]
 ]  # fmt: skip
 CHAT_ROW_0 = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 0 plus 1? [/INST] 1. </s><s>[INST] And plus 2? [/INST] 2. </s>"
 
@@ -349,3 +364,98 @@ def test_eval_loss_is_logged_at_the_interval_and_the_end_and_printed(chat_run):
     assert [event.step for event in events.Scalars("eval/loss")] == [2, 3]
     final = trainer.state.log_history[-2]["eval_loss"]
     assert f"eval loss at step 3: {final:.4f}" in out.read_text()
+
+
+# Answers-only loss on the templates of real models
+def template_tokenizer(name, rows=CAPITALS):
+    """The template `name` on a tokenizer trained on the rows' words, with the template's special tokens."""
+    corpus = [json.dumps(row) for row in rows]
+    tokenizer = chat_tokenizer(TEMPLATES[name], corpus)
+    data.use_chat_template(tokenizer)
+    return tokenizer
+
+
+def loss_texts(tokenizer, ids, mask):
+    """Each run of tokens that carries loss, decoded."""
+    return [tokenizer.decode(ids[start:end]) for start, end in data.loss_spans(mask)]
+
+
+def chat_rows(rows):
+    return data.rows_in_shape(data.Dataset.from_list(rows), data.detect_shape(list(rows[0])))
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_loss_is_on_each_answer_and_its_end_token_for_real_templates(name):
+    tokenizer = template_tokenizer(name)
+    report = data.check_rows(chat_rows(CAPITALS), tokenizer, 1024, True)
+    for row, ids, mask in zip(CAPITALS, report.ids, report.masks):
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert [text.strip() for text in loss_texts(tokenizer, ids, mask)] == [
+            TEMPLATES[name]["answer"].format(answer=answer) for answer in answers
+        ]
+        # The ids are the template's own rendering, the system turn in it (before the first question where the
+        # template has no system role: Gemma's, Mistral's)
+        messages = row["messages"]
+        if not data.has_system_role(tokenizer):
+            messages = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}, *messages[2:]]
+        assert ids == tokenizer.apply_chat_template(messages, return_dict=False)
+        assert "Answer in one sentence." in tokenizer.decode(ids)
+
+
+def test_smollm2_template_is_the_one_its_gguf_file_carries():
+    gguf = pytest.importorskip("gguf")
+    from examples import smollm2
+
+    field = gguf.GGUFReader(f"{smollm2.gguf_folder()}/{smollm2.GGUF_FILE}").fields["tokenizer.chat_template"]
+    assert field.contents() == TEMPLATES["chatml-smollm2"]["template"]
+
+
+def test_a_template_that_renders_a_turn_otherwise_once_the_chat_goes_on_is_refused():
+    tokenizer = template_tokenizer("chatml-smollm2")
+    # Like Qwen3's: only the last answer gets an (empty) reasoning block
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "message['content'] + '<|im_end|>'",
+        "(('<think></think>' if loop.last and message['role'] == 'assistant' else '') + message['content']) + '<|im_end|>'",
+    )
+    with pytest.raises(UserError, match=r"^row 1: the chat template renders the conversation up to turn 3 .*'<think>.*"
+                                        r"--loss_on all$"):  # fmt: skip
+        data.check_rows(chat_rows(CAPITALS), tokenizer, 1024, True)
+
+
+def test_one_turn_rows_carry_loss_on_the_answer_and_its_end_token():
+    tokenizer = template_tokenizer("qwen2.5-instruct", QA)
+    report = data.check_rows(chat_rows(QA), tokenizer, 1024, True)
+    assert loss_texts(tokenizer, report.ids[3], report.masks[3]) == ["3 plus 1 is 4.<|im_end|>"]
+
+
+def test_loss_weight_0_keeps_a_turn_out_of_the_loss():
+    rows = [{"messages": [{**m, "loss_weight": 0} if m["content"].startswith("The capital") else m
+                          for m in row["messages"]]} for row in CAPITALS]  # fmt: skip
+    # Found turn by turn (ChatML), and from generation marks (the Llama-2 template here)
+    for name, second_answer in [("chatml-smollm2", "Paris lies on the Seine.<|im_end|>"),
+                                ("llama-2-chat", "Paris lies on the Seine. </s>")]:  # fmt: skip
+        tokenizer = template_tokenizer(name)
+        assert has_generation_markers(tokenizer.chat_template) == (name == "llama-2-chat")
+        report = data.check_rows(chat_rows(rows), tokenizer, 1024, True)
+        assert [text.strip() for text in loss_texts(tokenizer, report.ids[0], report.masks[0])] == [second_answer]
+
+
+def test_content_as_a_list_of_text_parts_is_joined(tmp_path):
+    parts = [{"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital"}, {"type": "text", "value": "of Peru?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Lima."}]},
+    ]}]  # fmt: skip
+    rows = chat_rows(parts)
+    assert rows["messages"][0][0]["content"] == "What is the capital\nof Peru?"
+    tokenizer = template_tokenizer("chatml-smollm2", parts)
+    assert loss_texts(tokenizer, *(lambda r: (r.ids[0], r.masks[0]))(data.check_rows(rows, tokenizer, 1024, True))) == [
+        "Lima.<|im_end|>"
+    ]
+
+
+def test_a_part_that_is_not_text_is_refused_naming_the_line(tiny_model, tmp_path):
+    rows = [CHAT[0], {"messages": [{"role": "user", "content": [{"type": "image", "url": "cat.png"}]},
+                                   {"role": "assistant", "content": "A cat."}]}]  # fmt: skip
+    path = write_jsonl(tmp_path / "parts.jsonl", rows)
+    with pytest.raises(UserError, match=r"^parts.jsonl line 2: a message holds a part of type 'image'"):
+        finetune.main(tiny_run_args(tiny_model, path, tmp_path, "--check_data", "--eval_fraction", "0"))
