@@ -917,7 +917,8 @@ def prepare_data(settings, tokenizer):
         eval_set = rows_in_shape(eval_rows, shape)
         eval_report = check_rows(eval_set, tokenizer, settings.max_length, answers_only)
         eval_set = for_trainer(eval_set, eval_report, answers_only)
-        print(f"eval: {len(eval_set):,} rows")
+        left_out = f" ({eval_report.empty:,} empty rows left out)" if eval_report.empty else ""
+        print(f"eval: {len(eval_set):,} rows{left_out}")
         copies = eval_copies(report, eval_report)
         if copies:
             print(

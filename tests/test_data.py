@@ -5,6 +5,7 @@ import contextlib
 import glob
 import io
 import json
+import re
 from types import SimpleNamespace
 
 import pandas as pd
@@ -459,3 +460,153 @@ def test_a_part_that_is_not_text_is_refused_naming_the_line(tiny_model, tmp_path
     path = write_jsonl(tmp_path / "parts.jsonl", rows)
     with pytest.raises(UserError, match=r"^parts.jsonl line 2: a message holds a part of type 'image'"):
         finetune.main(tiny_run_args(tiny_model, path, tmp_path, "--check_data", "--eval_fraction", "0"))
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}}  # fmt: skip
+OPENAI_TOOL_CHAT = {
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "Sunny, 21 C"},
+        {"role": "assistant", "content": "It is sunny in Paris."},
+    ],
+    "tools": [WEATHER_TOOL],
+}  # fmt: skip
+SHAREGPT_TOOL_CHAT = {
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": "Sunny, 21 C"},
+        {"from": "gpt", "value": "It is sunny in Paris."},
+    ],
+    "tools": json.dumps([WEATHER_TOOL]),
+}  # fmt: skip
+QWEN_TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+
+
+@pytest.mark.parametrize("row", [OPENAI_TOOL_CHAT, SHAREGPT_TOOL_CHAT], ids=["openai", "sharegpt"])
+def test_tool_calls_render_through_the_templates_tools_and_carry_loss_the_results_not(tmp_path, row):
+    rows = data.rows_in_shape(data.load_source(write_jsonl(tmp_path / "tools.jsonl", [row])), data.detect_shape(list(row)))
+    tokenizer = template_tokenizer("qwen2.5-instruct", [row])
+    report = data.check_rows(rows, tokenizer, 1024, True)
+    text = tokenizer.decode(report.ids[0])
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text  # the tools column, rendered
+    assert "<tool_response>\nSunny, 21 C\n</tool_response>" in text
+    assert loss_texts(tokenizer, report.ids[0], report.masks[0]) == [QWEN_TOOL_CALL, "It is sunny in Paris.<|im_end|>"]
+
+
+def test_tool_calls_with_a_template_without_tools_are_refused_naming_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "tools.jsonl", [CAPITALS[0], OPENAI_TOOL_CHAT])
+    rows = data.rows_in_shape(data.with_places(data.load_source(path), path), data.detect_shape(["messages", "tools"]))
+    with pytest.raises(UserError, match=r"^tools.jsonl line 2: the row holds tool calls and tool results, which the "
+                                        r"model's chat template does not render"):  # fmt: skip
+        data.check_rows(rows, template_tokenizer("llama-3-instruct"), 1024, True)
+
+
+def test_tool_calls_of_other_rows_add_no_null_arguments(tmp_path):
+    """datasets reads every row's arguments as one struct: each row would get the others' argument names, as nulls."""
+    other = json.loads(json.dumps(OPENAI_TOOL_CHAT))
+    other["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"town": "Rome", "days": 2}
+    first = json.loads(json.dumps(OPENAI_TOOL_CHAT))
+    first["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    rows = data.rows_in_shape(data.load_source(write_jsonl(tmp_path / "tools.jsonl", [first, other])),
+                              data.detect_shape(["messages", "tools"]))  # fmt: skip
+    tokenizer = template_tokenizer("qwen2.5-instruct", [first, other])
+    report = data.check_rows(rows, tokenizer, 1024, True)
+    assert loss_texts(tokenizer, report.ids[0], report.masks[0])[0] == QWEN_TOOL_CALL
+
+
+# Files read right, or refused with one line
+def test_csv_row_with_fewer_fields_than_the_header_is_named(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nhi,hello\nhow\n")
+    with pytest.raises(UserError, match=r"qa\.csv': line 3 has 1 fields, the header has 2"):
+        data.load_source(str(path))
+
+
+def test_csv_rows_that_all_have_one_field_more_are_refused(tmp_path):
+    """pandas reads them without an error, the first field of each row moved into its index."""
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nhi,hello,x\nhow,are,you\n")
+    with pytest.raises(UserError, match=r"qa\.csv': line 2 has 3 fields, the header has 2.*Quote fields"):
+        data.load_source(str(path))
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes('{"text": "a"}\n{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"rows\.jsonl': line 2 is not UTF-8 text.*save the file as UTF-8"):
+        data.load_source(str(path))
+
+
+def test_a_json_object_of_lists_is_read_as_columns(tmp_path):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps({"question": [r["question"] for r in QA], "answer": [r["answer"] for r in QA]}))
+    rows = data.load_source(str(path))
+    assert len(rows) == 10 and rows[3] == QA[3]
+    assert data.row_places(str(path), rows)[3] == "qa.json record 4"
+
+
+def test_parquet_columns_of_structs_or_lists_are_refused_not_trained_as_their_repr(tmp_path):
+    pd.DataFrame({"question": ["What is 1 plus 1?", "Why?"], "answer": [{"text": "2."}, {"text": "So."}]}).to_parquet(
+        tmp_path / "qa.parquet"
+    )
+    rows = data.load_source(str(tmp_path / "qa.parquet"))
+    with pytest.raises(UserError, match=r"^row 1: the column 'answer' holds a dict, not text"):
+        data.rows_in_shape(rows, data.detect_shape(rows.column_names))
+
+
+def test_rows_with_a_null_or_empty_question_or_answer_are_left_out_and_counted(tiny_model, tmp_path, capsys):
+    rows = QA[:6] + [{"question": "What is 9 plus 1?", "answer": None}, {"question": "", "answer": "2."},
+                     {"question": None, "answer": "3."}]  # fmt: skip
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    result = finetune.main(tiny_run_args(tiny_model, path, tmp_path, "--check_data", "--eval_fraction", "0"))
+    out = capsys.readouterr().out
+    assert "empty rows: 3 (no text, no prompt or no answer: left out; e.g. qa.jsonl line 7)" in out
+    assert len(result.train) == 6 and len(result.report.keep) == 6
+
+
+def test_text_rows_that_are_null_or_empty_are_left_out(tokenizer):
+    rows = data.rows_in_shape(data.Dataset.from_list([{"text": tutorial_rows()[0]}, {"text": None}, {"text": " "}]),
+                              data.Shape("text", ("text",), False))  # fmt: skip
+    report = data.check_rows(rows, tokenizer, 64, False)
+    assert (report.empty, report.keep) == (2, [0])
+
+
+def test_a_bad_row_is_named_by_its_line_in_the_file_not_its_place_after_the_shuffle(tiny_model, tmp_path):
+    rows = [CHAT[i % 10] for i in range(19)]
+    rows.insert(13, {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n" + "".join(json.dumps(row) + "\n" for row in rows))  # a blank first line: line 15 holds it
+    with pytest.raises(UserError, match=r"^chat.jsonl line 15: unknown speaker 'robot'"):
+        finetune.main(tiny_run_args(tiny_model, str(path), tmp_path, "--check_data", "--eval_fraction", "0.5"))
+
+
+def test_the_check_warns_about_unfilled_placeholders_and_eval_rows_copied_from_training(tiny_model, tmp_path, capsys):
+    rows = [{"question": f"What is {a} plus 1?", "answer": f"{a} plus 1 is {a + 1}."} for a in range(8)]
+    rows += [{"question": "Who are you?", "answer": "I am {{name}}, made by {{ author }}."}] * 2
+    rows += [rows[0]] * 4  # copies: some land in eval
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    finetune.main(tiny_run_args(tiny_model, path, tmp_path, "--check_data", "--eval_fraction", "0.5"))
+    out = capsys.readouterr().out
+    placeholders = re.search(r"warning: (\d) rows have answers holding unfilled template placeholders, which would be "
+                             r"trained as they are \(e\.g\. qa\.jsonl line (9|10): \{\{name\}\}\)", out)  # fmt: skip
+    copies = re.search(r"warning: (\d) eval rows are exact copies of training rows \(e\.g\. qa\.jsonl line \d+\)", out)
+    assert placeholders and copies, out
+
+
+def test_check_data_marks_the_loss_in_the_models_own_template(tiny_model, tmp_path, capsys):
+    """A model folder whose tokenizer carries SmolLM2's ChatML template: the answers, each with its <|im_end|>."""
+    folder = tmp_path / "chatml-model"
+    template_tokenizer("chatml-smollm2").save_pretrained(folder)
+    (folder / "config.json").write_text(open(f"{tiny_model}/config.json").read())
+    finetune.main(tiny_run_args(str(folder), write_jsonl(tmp_path / "chat.jsonl", CAPITALS), tmp_path, "--check_data",
+                                "--eval_fraction", "0"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "loss on answers only" in out
+    assert ("<|im_start|>assistant\n    ⟦The capital of France is Paris.<|im_end|>⟧\n    <|im_start|>user\n    And its "
+            "river?<|im_end|>\n    <|im_start|>assistant\n    ⟦Paris lies on the Seine.<|im_end|>⟧") in out  # fmt: skip
