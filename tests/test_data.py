@@ -610,3 +610,15 @@ def test_check_data_marks_the_loss_in_the_models_own_template(tiny_model, tmp_pa
     assert "loss on answers only" in out
     assert ("<|im_start|>assistant\n    ⟦The capital of France is Paris.<|im_end|>⟧\n    <|im_start|>user\n    And its "
             "river?<|im_end|>\n    <|im_start|>assistant\n    ⟦Paris lies on the Seine.<|im_end|>⟧") in out  # fmt: skip
+
+
+def test_loss_on_all_gives_chat_rows_tokenized_with_loss_everywhere():
+    tokenizer = template_tokenizer("chatml-smollm2")
+    rows = chat_rows(CAPITALS)
+    report = data.check_rows(rows, tokenizer, 1024, False)
+    assert report.ids[0] == tokenizer.apply_chat_template(CAPITALS[0]["messages"], return_dict=False)
+    assert all(all(mask) for mask in report.masks)
+    assert data.for_trainer(rows, report, False).column_names == ["input_ids"]
+    assert data.for_trainer(rows, data.check_rows(rows, tokenizer, 1024, True), True).column_names == [
+        "input_ids", "assistant_masks"
+    ]
