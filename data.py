@@ -56,8 +56,10 @@ SHAREGPT_ROLES = {
 }  # fmt: skip
 
 MAPPING_SETTINGS = "--text_column, or --prompt_column and --response_column"
+OPTIONAL_COLUMNS = {"Alpaca instruction/input/output": "input", "messages": "tools", "ShareGPT conversations": "tools"}
 PLACE = "place"  # the column that keeps each row's place in its file (its line) through the eval shuffle
 LOSS_MARK = ("⟦", "⟧")
+PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_][\w.]*\s*\}\}")  # {{name}}, {{ author }}: a template never filled in
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ class Report:
 
 @dataclass
 class PreparedData:
-    """What finetune.py hands the trainer: rows rendered for trl ("messages" or pre-tokenized "input_ids")."""
+    """What finetune.py hands the trainer: the rows pre-tokenized ("input_ids", and "assistant_masks" for answers-only
+    loss on chat rows)."""
 
     train: Dataset
     eval: Dataset | None
@@ -310,8 +313,8 @@ def detect_shape(columns, text_column="", prompt_column="", response_column=""):
         ("question/answer", ("question", "answer")),
     ]:
         if set(names) <= set(columns):
-            optional = {"Alpaca instruction/input/output": "input", "messages": "tools", "ShareGPT conversations": "tools"}
-            return Shape(name, names + ((optional[name],) if optional.get(name) in columns else ()))
+            optional = OPTIONAL_COLUMNS.get(name)
+            return Shape(name, names + ((optional,) if optional in columns else ()))
     if "text" in columns:
         return Shape("text", ("text",), marks_answers=False)
     raise UserError(
@@ -389,9 +392,8 @@ def content_text(content, place):
         return text_value(content, "content", place)
     texts = []
     for part in content:
-        kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
-        text = part.get("text") if isinstance(part, dict) and part.get("text") is not None else None
-        text = text if text is not None else (part.get("value") if isinstance(part, dict) else None)
+        part = {key: value for key, value in part.items() if value is not None} if isinstance(part, dict) else {}
+        kind, text = part.get("type", "text"), part.get("text", part.get("value"))
         if kind != "text" or not isinstance(text, str):
             raise UserError(f"{place}: a message holds a part of type '{kind}': only text parts can be trained here")
         texts.append(text)
@@ -414,7 +416,9 @@ def tool_call(call, place):
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             raise UserError(f"{place}: the arguments of tool call '{function['name']}' are not JSON") from None
-    return {"type": "function", "function": {"name": function["name"], "arguments": json.dumps(without_nulls(arguments))}}
+    # The arguments kept as JSON text: datasets would read every row's as one struct (template_messages reads them)
+    arguments = json.dumps(without_nulls(arguments))
+    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
 def without_nulls(value):
@@ -454,7 +458,8 @@ def rows_in_shape(rows, shape):
     columns = {column: column_values(rows, column) for column in shape.columns}
     if not shape.marks_answers:
         name = shape.columns[0]
-        return Dataset.from_dict({"text": [text_value(v, name, p) for v, p in zip(columns[name], places)], PLACE: places})
+        texts = [text_value(value, name, place) for value, place in zip(columns[name], places)]
+        return Dataset.from_dict({"text": texts, PLACE: places})
     tools = columns.pop("tools", None)
     out = {"messages": [to_messages(shape, values, place) for values, place in zip(zip(*columns.values()), places)]}
     if tools is not None:
@@ -588,23 +593,20 @@ def template_messages(conversation, fold_system):
                 for call in message["tool_calls"]
             ]
         messages.append(message)
-    if fold_system:
-        system = [m["content"] for m in messages[: next((i for i, m in enumerate(messages) if m["role"] != "system"),
-                                                       len(messages))]]  # fmt: skip
-        messages = messages[len(system):]
-        if system and messages and messages[0]["role"] == "user":
-            messages[0] = {**messages[0], "content": "\n\n".join(system + [messages[0]["content"]])}
+    opening = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    if fold_system and 0 < opening < len(messages) and messages[opening]["role"] == "user":
+        first = "\n\n".join([m["content"] for m in messages[: opening + 1]])
+        messages = [{**messages[opening], "content": first}, *messages[opening + 1 :]]
     return messages
 
 
 def has_system_role(tokenizer):
     """Whether the chat template renders a system turn (Gemma's and Mistral's raise an error on one)."""
-    user = [{"role": "user", "content": "q"}]
     try:
-        tokenizer.apply_chat_template([{"role": "system", "content": "s"}] + user, tokenize=False)
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                                      tokenize=False)  # fmt: skip
         return True
     except TemplateError:
-        tokenizer.apply_chat_template(user, tokenize=False)  # a template that fails on this fails on every row
         return False
 
 
@@ -668,10 +670,10 @@ def turn_by_turn_masks(tokenizer, chats):
     for row, k in turns:
         if k == 0:
             raise UserError(f"{chats[row][0]}: the conversation opens with an assistant turn: give the turn it answers")
-    prompts = encode(tokenizer, render(tokenizer, [(chats[row][0], chats[row][1][:k], chats[row][2]) for row, k in turns],
-                                       tokenize=False, add_generation_prompt=True))  # fmt: skip
-    replies = encode(tokenizer, render(tokenizer, [(chats[row][0], chats[row][1][: k + 1], chats[row][2])
-                                                   for row, k in turns], tokenize=False))  # fmt: skip
+    up_to = [(chats[row][0], chats[row][1][:k], chats[row][2]) for row, k in turns]
+    prompts = encode(tokenizer, render(tokenizer, up_to, tokenize=False, add_generation_prompt=True))
+    through = [(chats[row][0], chats[row][1][: k + 1], chats[row][2]) for row, k in turns]
+    replies = encode(tokenizer, render(tokenizer, through, tokenize=False))
     # A conversation that ends on an answer is its last reply: rendered once (a third of the time on such rows)
     full = {row: reply for (row, k), reply in zip(turns, replies) if k == len(chats[row][1]) - 1}
     others = [row for row in range(len(chats)) if row not in full]
@@ -789,19 +791,18 @@ def check_rows(rows, tokenizer, max_length, answers_only):
     )
 
 
-PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_][\w.]*\s*\}\}")  # {{name}}, {{ author }}: a template never filled in
-
-
 def placeholder_warning(rows, places):
     """Answers (for text rows, the text) holding unfilled template placeholders, which would be trained verbatim."""
     if "text" in rows.column_names:
         answers = [[text] for text in column_values(rows, "text")]
     else:
-        answers = [[m["content"] for m in chat if m["role"] == "assistant"] for chat in column_values(rows, "messages")
-                   if chat is not None]  # fmt: skip
-        places = [place for place, chat in zip(places, column_values(rows, "messages")) if chat is not None]
-    found = [(place, match.group()) for place, texts in zip(places, answers)
-             for match in [next(filter(None, map(PLACEHOLDER.search, texts)), None)] if match]  # fmt: skip
+        answers = [[m["content"] for m in chat if m["role"] == "assistant"] if chat else []
+                   for chat in column_values(rows, "messages")]  # fmt: skip
+    found = []
+    for place, texts in zip(places, answers):
+        match = next((match for match in map(PLACEHOLDER.search, texts) if match), None)
+        if match:
+            found.append((place, match.group()))
     if not found:
         return None
     return (

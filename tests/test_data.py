@@ -398,7 +398,8 @@ def test_loss_is_on_each_answer_and_its_end_token_for_real_templates(name):
         # template has no system role: Gemma's, Mistral's)
         messages = row["messages"]
         if not data.has_system_role(tokenizer):
-            messages = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}, *messages[2:]]
+            first = f"{messages[0]['content']}\n\n{messages[1]['content']}"
+            messages = [{"role": "user", "content": first}, *messages[2:]]
         assert ids == tokenizer.apply_chat_template(messages, return_dict=False)
         assert "Answer in one sentence." in tokenizer.decode(ids)
 
@@ -416,7 +417,8 @@ def test_a_template_that_renders_a_turn_otherwise_once_the_chat_goes_on_is_refus
     # Like Qwen3's: only the last answer gets an (empty) reasoning block
     tokenizer.chat_template = tokenizer.chat_template.replace(
         "message['content'] + '<|im_end|>'",
-        "(('<think></think>' if loop.last and message['role'] == 'assistant' else '') + message['content']) + '<|im_end|>'",
+        "(('<think></think>' if loop.last and message['role'] == 'assistant' else '') + message['content'])"
+        " + '<|im_end|>'",
     )
     with pytest.raises(UserError, match=r"^row 1: the chat template renders the conversation up to turn 3 .*'<think>.*"
                                         r"--loss_on all$"):  # fmt: skip
@@ -443,7 +445,8 @@ def test_loss_weight_0_keeps_a_turn_out_of_the_loss():
 
 def test_content_as_a_list_of_text_parts_is_joined(tmp_path):
     parts = [{"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "What is the capital"}, {"type": "text", "value": "of Peru?"}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                     {"type": "text", "value": "of Peru?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Lima."}]},
     ]}]  # fmt: skip
     rows = chat_rows(parts)
@@ -490,7 +493,8 @@ QWEN_TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa
 
 @pytest.mark.parametrize("row", [OPENAI_TOOL_CHAT, SHAREGPT_TOOL_CHAT], ids=["openai", "sharegpt"])
 def test_tool_calls_render_through_the_templates_tools_and_carry_loss_the_results_not(tmp_path, row):
-    rows = data.rows_in_shape(data.load_source(write_jsonl(tmp_path / "tools.jsonl", [row])), data.detect_shape(list(row)))
+    rows = data.load_source(write_jsonl(tmp_path / "tools.jsonl", [row]))
+    rows = data.rows_in_shape(rows, data.detect_shape(rows.column_names))
     tokenizer = template_tokenizer("qwen2.5-instruct", [row])
     report = data.check_rows(rows, tokenizer, 1024, True)
     text = tokenizer.decode(report.ids[0])
