@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import re
+from importlib.resources import files
 from types import SimpleNamespace
 
 import pandas as pd
@@ -625,4 +626,20 @@ def test_loss_on_all_gives_chat_rows_tokenized_with_loss_everywhere():
     assert data.for_trainer(rows, report, False).column_names == ["input_ids"]
     assert data.for_trainer(rows, data.check_rows(rows, tokenizer, 1024, True), True).column_names == [
         "input_ids", "assistant_masks"
+    ]
+
+
+def test_qwen3s_template_which_is_not_prefix_preserving_gets_trls_marked_copy():
+    """Qwen3's template writes an empty reasoning block into the last answer only: the answers cannot be found turn by
+    turn, and trl 1.16 ships a marked training copy of it (its chat_templates/qwen3.jinja is the Hub's template)."""
+    entry = {**TEMPLATES["qwen2.5-instruct"], "added": ["<tool_call>", "</tool_call>", "<think>", "</think>"]}
+    entry["template"] = (files("trl") / "chat_templates" / "qwen3.jinja").read_text()
+    tokenizer = chat_tokenizer(entry, [json.dumps(row) for row in CAPITALS])
+    rows = chat_rows(CAPITALS)
+    with pytest.raises(data.NotPrefixPreserving, match="<think>"):
+        data.turn_by_turn_masks(tokenizer, data.template_chats(rows, tokenizer, [0]))
+    report = data.check_rows(rows, tokenizer, 1024, True)
+    answers = [m["content"] for m in CAPITALS[0]["messages"] if m["role"] == "assistant"]
+    assert [text.strip() for text in loss_texts(tokenizer, report.ids[0], report.masks[0])] == [
+        f"<think>\n\n</think>\n\n{answer}<|im_end|>" for answer in answers
     ]
