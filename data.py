@@ -9,12 +9,13 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 from dataclasses import dataclass
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, concatenate_datasets, load_dataset
 from jinja2 import TemplateError
-from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers, supports_tool_calling
 
 from common import UserError
 
@@ -47,11 +48,18 @@ LLAMA2_CHAT_TEMPLATE = (
 )
 
 # ShareGPT's speakers, in the roles chat templates know. trl's maybe_convert_to_chatml renames from/value to
-# role/content but keeps ShareGPT's "human" and "gpt", which no chat template knows.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# role/content but keeps ShareGPT's "human" and "gpt", which no chat template knows. A function_call turn is an
+# assistant's tool call, an observation the tool's result (the tool-calling ShareGPT of LLaMA-Factory and glaive).
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "function_call": "assistant", "observation": "tool", "tool": "tool",
+}  # fmt: skip
 
 MAPPING_SETTINGS = "--text_column, or --prompt_column and --response_column"
+OPTIONAL_COLUMNS = {"Alpaca instruction/input/output": "input", "messages": "tools", "ShareGPT conversations": "tools"}
+PLACE = "place"  # the column that keeps each row's place in its file (its line) through the eval shuffle
 LOSS_MARK = ("⟦", "⟧")
+PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_][\w.]*\s*\}\}")  # {{name}}, {{ author }}: a template never filled in
 
 
 @dataclass(frozen=True)
@@ -77,11 +85,16 @@ class Report:
     keep: list
     example: str
     ids: list
+    masks: list
+    places: list
+    first_empty: str | None
+    warnings: list
 
 
 @dataclass
 class PreparedData:
-    """What finetune.py hands the trainer: rows rendered for trl ("messages" or pre-tokenized "input_ids")."""
+    """What finetune.py hands the trainer: the rows pre-tokenized ("input_ids", and "assistant_masks" for answers-only
+    loss on chat rows)."""
 
     train: Dataset
     eval: Dataset | None
@@ -136,6 +149,10 @@ def data_files(path):
 def load_local(path):
     files, extension = data_files(path)
     builder, arguments = FILE_FORMATS[extension]
+    for file in files:
+        check_readable(file)
+    if extension == ".json" and all(columns_of_lists(file) is not None for file in files):
+        return concatenate_datasets([Dataset.from_dict(columns_of_lists(file)) for file in files])
     try:
         return load_dataset(builder, data_files=files, split="train", **arguments)
     except Exception as error:  # datasets wraps each parser's error in its own: find the line it broke on ourselves
@@ -148,6 +165,78 @@ def load_local(path):
         cause = error.__cause__ or error
         first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UserError(f"cannot read the data in '{path}': {first_line}") from None
+
+
+def check_readable(file):
+    """Refuses a text file that is not UTF-8, and a CSV row with more or fewer fields than the header (pandas would
+    quietly move the columns into its index, or fill them with nulls)."""
+    if file.lower().endswith(".parquet"):
+        return
+    try:
+        with open(file, encoding="utf-8") as f:
+            f.read()
+    except UnicodeDecodeError as error:
+        line = open(file, "rb").read()[: error.start].count(b"\n") + 1
+        raise UserError(f"cannot read '{file}': line {line} is not UTF-8 text ({error.reason}): save the file as UTF-8")
+    if os.path.splitext(file)[1].lower() in (".csv", ".tsv"):
+        where = parse_error(file)
+        if where:
+            raise UserError(f"cannot read '{file}': {where}. Quote fields that hold the separator, or fix that line")
+
+
+def columns_of_lists(file):
+    """A .json file holding one object of equal-length lists (`{"question": [...], "answer": [...]}`) as its columns,
+    which datasets would read as one row of lists; None for any other content."""
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # JSON lines, or broken: datasets and parse_error say which
+    if not isinstance(record, dict) or not record or not all(isinstance(v, list) for v in record.values()):
+        return None
+    if len({len(values) for values in record.values()}) > 1:
+        lengths = ", ".join(f"{name} {len(values)}" for name, values in record.items())
+        raise UserError(f"cannot read '{file}': its object of lists has lists of different lengths ({lengths})")
+    return record
+
+
+def row_places(name, rows):
+    """Where each row comes from, for messages: 'rows.jsonl line 7' (a .jsonl or .csv file), 'rows.json record 3',
+    'row 3' (parquet, Hub data sets). Falls back to 'row N' where the file's records cannot be lined up."""
+    fallback = [f"row {i + 1}" for i in range(len(rows))]
+    if not (os.path.isdir(name) or os.path.isfile(name)):
+        return fallback
+    places = []
+    for file in data_files(name)[0]:
+        places += [f"{os.path.basename(file)} {place}" for place in file_places(file)]
+    return places if len(places) == len(rows) else fallback
+
+
+def file_places(file):
+    extension = os.path.splitext(file)[1].lower()
+    if extension == ".parquet":
+        import pyarrow.parquet
+
+        return [f"row {i + 1}" for i in range(pyarrow.parquet.read_metadata(file).num_rows)]
+    with open(file, encoding="utf-8", newline="") as f:
+        text = f.read()
+    if extension in (".json", ".jsonl"):
+        if extension == ".json" and columns_of_lists(file) is not None:
+            return [f"record {i + 1}" for i in range(len(next(iter(columns_of_lists(file).values()))))]
+        if text.lstrip().startswith("["):
+            return [f"record {i + 1}" for i in range(len(json.loads(text)))]
+        return [f"line {n}" for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    reader = csv.reader(text.splitlines(), delimiter=FILE_FORMATS[extension][1].get("delimiter", ","))
+    next(reader, None)
+    places, start = [], reader.line_num + 1
+    for row in reader:
+        if row:  # pandas skips blank lines
+            places.append(f"line {start}")
+        start = reader.line_num + 1
+    return places
 
 
 def parse_error(file):
@@ -224,7 +313,8 @@ def detect_shape(columns, text_column="", prompt_column="", response_column=""):
         ("question/answer", ("question", "answer")),
     ]:
         if set(names) <= set(columns):
-            return Shape(name, names + (("input",) if name.startswith("Alpaca") and "input" in columns else ()))
+            optional = OPTIONAL_COLUMNS.get(name)
+            return Shape(name, names + ((optional,) if optional in columns else ()))
     if "text" in columns:
         return Shape("text", ("text",), marks_answers=False)
     raise UserError(
@@ -233,43 +323,153 @@ def detect_shape(columns, text_column="", prompt_column="", response_column=""):
     )
 
 
-def to_messages(shape, values, row):
-    """One row of a chat-like shape as a list of {role, content} messages."""
+def to_messages(shape, values, place):
+    """One row of a chat-like shape as a list of {role, content} messages (tool calls, tool results and loss_weight
+    kept), or None for a row whose prompt or answer is missing or empty."""
     if shape.name in ("messages", "ShareGPT conversations"):
-        turns, messages = values[0], []
+        turns = values[0]
         if not isinstance(turns, list):
-            raise UserError(f"row {row + 1}: '{shape.columns[0]}' is not a list of turns")
-        role_key, content_key = ("role", "content") if shape.name == "messages" else ("from", "value")
-        for turn in turns:
-            if not isinstance(turn, dict) or turn.get(role_key) is None:
-                raise UserError(f"row {row + 1}: every turn in '{shape.columns[0]}' needs '{role_key}' and '{content_key}'")
-            role = turn[role_key] if shape.name == "messages" else SHAREGPT_ROLES.get(turn[role_key])
-            if role not in ("system", "user", "assistant"):
-                raise UserError(f"row {row + 1}: unknown speaker '{turn[role_key]}' (known: {', '.join(SHAREGPT_ROLES)})")
-            messages.append({"role": role, "content": turn.get(content_key) or ""})
-        return messages
+            raise UserError(f"{place}: '{shape.columns[0]}' is not a list of turns")
+        return [to_message(shape, turn, place) for turn in turns]
     if shape.name == "prompt/completion" and isinstance(values[0], list):  # trl's conversational prompt/completion
-        return to_messages(Shape("messages", ("messages",)), [values[0] + values[1]], row)
+        return to_messages(Shape("messages", ("messages",)), [values[0] + values[1]], place)
+    texts = [text_value(value, column, place) for value, column in zip(values, shape.columns)]
     if shape.name.startswith("Alpaca"):
-        instruction, output, extra = values[0] or "", values[1] or "", (values[2] or "") if len(values) > 2 else ""
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    prompt, answer = values
-    return [{"role": "user", "content": str(prompt or "")}, {"role": "assistant", "content": str(answer or "")}]
+        instruction, output, extra = texts[0], texts[1], texts[2] if len(texts) > 2 else ""
+        texts = [f"{instruction}\n\n{extra}" if extra.strip() else instruction, output]
+    prompt, answer = texts
+    if not (prompt.strip() and answer.strip()):
+        return None
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def text_value(value, column, place):
+    """A cell that holds text: a string, or a number written as one. None, NaN and '' are empty; a struct or a list
+    (a parquet or JSON column of another shape) is refused rather than trained on as its Python repr."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (dict, list)):
+        raise UserError(
+            f"{place}: the column '{column}' holds a {type(value).__name__}, not text: map a text column with "
+            f"{MAPPING_SETTINGS}"
+        )
+    return str(value)
+
+
+def to_message(shape, turn, place):
+    """One turn as a chat-template message: ShareGPT's speakers become roles, content parts are joined to text, an
+    OpenAI or ShareGPT tool call becomes `tool_calls`, a tool's result the role 'tool'."""
+    role_key = "role" if shape.name == "messages" else "from"
+    if not isinstance(turn, dict) or turn.get(role_key) is None:
+        raise UserError(f"{place}: every turn in '{shape.columns[0]}' needs '{role_key}' and its content")
+    speaker = turn[role_key]
+    role = speaker if shape.name == "messages" else SHAREGPT_ROLES.get(speaker)
+    if role == "function":  # OpenAI's older name for a tool's result
+        role = "tool"
+    if role not in ("system", "user", "assistant", "tool"):
+        known = "system, user, assistant, tool" if shape.name == "messages" else ", ".join(SHAREGPT_ROLES)
+        raise UserError(f"{place}: unknown speaker '{speaker}' (known: {known})")
+    content = turn.get("content") if turn.get("content") is not None else turn.get("value")
+    message = {"role": role, "content": content_text(content, place)}
+    calls = turn.get("tool_calls") or ([turn["function_call"]] if turn.get("function_call") else [])
+    if speaker == "function_call":  # ShareGPT's tool call: the call itself is the turn's value
+        calls, message["content"] = [message["content"]], ""
+    if calls:
+        message["tool_calls"] = [tool_call(call, place) for call in calls]
+    if turn.get("name") and role == "tool":
+        message["name"] = turn["name"]
+    if turn.get("loss_weight") is not None:
+        if turn["loss_weight"] not in (0, 1):
+            raise UserError(f"{place}: loss_weight {turn['loss_weight']!r}: it takes 0 (no loss on that turn) or 1")
+        message["loss_weight"] = int(turn["loss_weight"])
+    return message
+
+
+def content_text(content, place):
+    """A message's content as text: a list of parts (`[{"type": "text", "text": ...}]`, or `value` for `text`) is
+    joined, a part a line; any other part (an image, audio) is refused, as training here reads text only."""
+    if not isinstance(content, list):
+        return text_value(content, "content", place)
+    texts = []
+    for part in content:
+        part = {key: value for key, value in part.items() if value is not None} if isinstance(part, dict) else {}
+        kind, text = part.get("type", "text"), part.get("text", part.get("value"))
+        if kind != "text" or not isinstance(text, str):
+            raise UserError(f"{place}: a message holds a part of type '{kind}': only text parts can be trained here")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def tool_call(call, place):
+    """A tool call in the form chat templates read: {"type": "function", "function": {"name", "arguments": dict}}."""
+    if isinstance(call, str):
+        try:
+            call = json.loads(call)
+        except json.JSONDecodeError:
+            raise UserError(f"{place}: a function_call turn does not hold JSON: {call[:60]!r}") from None
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not function.get("name"):
+        raise UserError(f"{place}: a tool call needs a function name: {str(call)[:60]!r}")
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):  # OpenAI's form: the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise UserError(f"{place}: the arguments of tool call '{function['name']}' are not JSON") from None
+    # The arguments kept as JSON text: datasets would read every row's as one struct (template_messages reads them)
+    arguments = json.dumps(without_nulls(arguments))
+    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def without_nulls(value):
+    """A JSON value without the null fields that datasets adds: it reads every row's objects as one struct, so each
+    row's tool call or tool schema gets the fields of all the others, as nulls."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
+
+
+def row_tools(value, place):
+    """A row's `tools` column (a list of tool schemas, or the JSON string of one) as a JSON string, or None."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise UserError(f"{place}: its 'tools' do not hold JSON") from None
+    if not isinstance(value, list):
+        raise UserError(f"{place}: its 'tools' are not a list of tool schemas")
+    return json.dumps(without_nulls(value))
 
 
 def rows_in_shape(rows, shape):
-    """The rows as trl's chat rows ("messages"), or as ready-made text ("text"): one column, nothing else."""
+    """The rows as chat rows ("messages", and "tools" where the data set has them), or as ready-made text ("text"),
+    each with its place in the file ("place") for messages."""
     missing = [column for column in shape.columns if column not in rows.column_names]
     if missing:
         raise UserError(
             f"the rows have no column {', '.join(repr(m) for m in missing)} that their shape ({shape.name}) needs "
             f"(columns: {', '.join(rows.column_names)})"
         )
-    columns = [column_values(rows, column) for column in shape.columns]
+    places = places_of(rows)
+    columns = {column: column_values(rows, column) for column in shape.columns}
     if not shape.marks_answers:
-        return Dataset.from_dict({"text": [str(value or "") for value in columns[0]]})
-    return Dataset.from_dict({"messages": [to_messages(shape, values, i) for i, values in enumerate(zip(*columns))]})
+        name = shape.columns[0]
+        texts = [text_value(value, name, place) for value, place in zip(columns[name], places)]
+        return Dataset.from_dict({"text": texts, PLACE: places})
+    tools = columns.pop("tools", None)
+    out = {"messages": [to_messages(shape, values, place) for values, place in zip(zip(*columns.values()), places)]}
+    if tools is not None:
+        out["tools"] = [row_tools(value, place) for value, place in zip(tools, places)]
+    return Dataset.from_dict({**out, PLACE: places})
+
+
+def places_of(rows):
+    """The rows' places in their file: the column prepare_data adds, or else their order here."""
+    return column_values(rows, PLACE) if PLACE in rows.column_names else [f"row {i + 1}" for i in range(len(rows))]
 
 
 # The chat template: the same rendering for training, the sample answer and the saved tokenizer
@@ -289,25 +489,11 @@ def renders_like_llama2(tokenizer):
         {"role": "assistant", "content": "a"},
         {"role": "user", "content": "q2"},
     ]
-    try:
+    try:  # either can fail: the tokenizer's own on a system turn, the Llama-2 one without a BOS token (Qwen's)
         own = tokenizer.apply_chat_template(probe, tokenize=False)
+        return own == tokenizer.apply_chat_template(probe, tokenize=False, chat_template=LLAMA2_CHAT_TEMPLATE)
     except TemplateError:
         return False
-    return own == tokenizer.apply_chat_template(probe, tokenize=False, chat_template=LLAMA2_CHAT_TEMPLATE)
-
-
-def training_template(tokenizer, answers_only):
-    """The template trl renders chat rows with: the tokenizer's, or with answers-only loss and a template without
-    generation marks, trl's patched copy of it (the one SFTTrainer picks itself)."""
-    if not answers_only or has_generation_markers(tokenizer.chat_template):
-        return tokenizer.chat_template
-    try:
-        return get_training_chat_template(tokenizer)
-    except ValueError:
-        raise UserError(
-            "the model's chat template does not mark where answers start ({% generation %}) and trl has no marked "
-            "version of it: train on whole conversations with --loss_on all"
-        ) from None
 
 
 def prompt_inputs(tokenizer, question, return_tensors="pt"):
@@ -340,63 +526,232 @@ def with_eos(text, eos):
     return text + eos
 
 
-def loss_masks(tokenizer, conversations, answers_only):
-    """Token ids and loss masks (1: the token carries loss) of chat rows, from the template's generation marks, as
-    trl computes them (apply_chat_template's assistant mask)."""
-    out = tokenizer.apply_chat_template(
-        conversations,
-        chat_template=training_template(tokenizer, answers_only),
-        return_dict=True,
-        return_assistant_tokens_mask=answers_only,
-    )
-    ids = out["input_ids"]
-    return ids, out["assistant_masks"] if answers_only else [[1] * len(row_ids) for row_ids in ids]
+# The tokens that carry loss
+class NotPrefixPreserving(Exception):
+    """A template renders a turn differently once the conversation goes on: its answer's tokens cannot be found."""
 
 
-def render_chats(tokenizer, conversations, answers_only):
-    """The chat rows rendered with the template trl will use; a row the template refuses is named."""
-    try:
-        return tokenizer.apply_chat_template(
-            conversations, chat_template=training_template(tokenizer, answers_only), tokenize=False
-        )
-    except TemplateError:
-        for i, conversation in enumerate(conversations):
-            try:
-                tokenizer.apply_chat_template(conversation, tokenize=False)
-            except TemplateError as error:
-                raise UserError(f"row {i + 1} cannot be rendered with the chat template: {error}") from None
-        raise
+def token_masks(rows, tokenizer, answers_only):
+    """Token ids of the rows as the trainer will see them, and their loss masks (1: the token carries loss; the model
+    learns token t from the tokens before it). Empty rows get no tokens. Returns (ids, masks)."""
+    blank = blank_rows(rows, tokenizer)
+    ids, masks = [[] for _ in blank], [[] for _ in blank]
+    filled = [i for i, empty in enumerate(blank) if not empty]
+    if "text" in rows.column_names:
+        texts = column_values(rows, "text")
+        for i, row_ids in zip(filled, text_ids(tokenizer, [texts[i] for i in filled])):
+            ids[i], masks[i] = row_ids, [1] * len(row_ids)
+        return ids, masks
+    chats = template_chats(rows, tokenizer, filled)
+    for i, row_ids, mask in zip(filled, *chat_masks(tokenizer, chats, answers_only)):
+        ids[i], masks[i] = row_ids, mask
+    return ids, masks
+
+
+def rows_with_loss(masks, limit):
+    """The rows that keep a token carrying loss within `limit` tokens (trl cuts rows at max_length and drops those
+    left without one). The loss shifts the labels by one (each token predicts the next), so the first token never
+    carries loss: a row needs one at positions 1 to limit - 1."""
+    return [i for i, mask in enumerate(masks) if any(mask[1:limit])]
 
 
 def tokenize_rows(rows, tokenizer, answers_only, limit):
     """Token ids of the rows as the trainer will see them, and the rows that keep a token carrying loss within
-    `limit` tokens (trl cuts rows at max_length and drops those left without one): (ids, kept row indices).
-    The loss shifts the labels by one (each token predicts the next), so the first token never carries loss: a row
-    needs one at positions 1 to limit - 1."""
+    `limit` tokens: (ids, kept row indices)."""
+    ids, masks = token_masks(rows, tokenizer, answers_only)
+    return ids, rows_with_loss(masks, limit)
+
+
+def blank_rows(rows, tokenizer):
+    """Which rows hold nothing to learn: no text, or a prompt or an answer missing (to_messages gave None)."""
     if "text" in rows.column_names:
-        ids = text_ids(tokenizer, column_values(rows, "text"))
-        return ids, [i for i, row_ids in enumerate(ids) if min(len(row_ids), limit) >= 2]
-    conversations = column_values(rows, "messages")
-    # The template's text tokenized without special tokens: what apply_chat_template(tokenize=True) gives, but
-    # without its per-token Python loop for the loss mask, which takes most of the check's time on 100,000 rows.
-    ids = tokenizer(render_chats(tokenizer, conversations, answers_only), add_special_tokens=False)["input_ids"]
+        special = [tokenizer.bos_token or "", tokenizer.eos_token or ""]
+        return [not strip_all(text, special) for text in column_values(rows, "text")]
+    return [chat is None or not any(m["content"].strip() or m.get("tool_calls") for m in chat)
+            for chat in column_values(rows, "messages")]  # fmt: skip
+
+
+def template_chats(rows, tokenizer, picked):
+    """The picked chat rows as (place, messages, tools) the way the chat template reads them: tool-call arguments
+    and tools as objects again, and for a template without a system role (Gemma's, Mistral's), the system turns
+    that open a conversation put before its first user turn, as those models' makers advise."""
+    conversations, places = column_values(rows, "messages"), places_of(rows)
+    tools = column_values(rows, "tools") if "tools" in rows.column_names else [None] * len(rows)
+    fold = any(chat and chat[0]["role"] == "system" for chat in conversations) and not has_system_role(tokenizer)
+    chats = [(places[i], template_messages(conversations[i], fold), json.loads(tools[i]) if tools[i] else None)
+             for i in picked]  # fmt: skip
+    check_tools(tokenizer, chats)
+    return chats
+
+
+def template_messages(conversation, fold_system):
+    messages = []
+    for message in conversation:
+        message = {key: value for key, value in message.items() if value is not None}  # datasets' nulls for keys
+        if message.get("tool_calls"):
+            message["tool_calls"] = [
+                {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+                for call in message["tool_calls"]
+            ]
+        messages.append(message)
+    opening = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    if fold_system and 0 < opening < len(messages) and messages[opening]["role"] == "user":
+        first = "\n\n".join([m["content"] for m in messages[: opening + 1]])
+        messages = [{**messages[opening], "content": first}, *messages[opening + 1 :]]
+    return messages
+
+
+def has_system_role(tokenizer):
+    """Whether the chat template renders a system turn (Gemma's and Mistral's raise an error on one)."""
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                                      tokenize=False)  # fmt: skip
+        return True
+    except TemplateError:
+        return False
+
+
+def check_tools(tokenizer, chats):
+    """Refuses tool-calling rows that the template cannot render: it must show tool calls, tool results and the
+    tools list (trl's supports_tool_calling checks the first two; many templates silently drop them)."""
+    with_calls = next((p for p, messages, _ in chats if any(m["role"] == "tool" or m.get("tool_calls")
+                                                            for m in messages)), None)  # fmt: skip
+    if with_calls and not supports_tool_calling(tokenizer):
+        raise UserError(
+            f"{with_calls}: the row holds tool calls and tool results, which the model's chat template does not "
+            "render: leave such rows out, or fine-tune a model whose template supports tools"
+        )
+    with_tools = next((p for p, _, tools in chats if tools), None)
+    if with_tools and not renders_tools(tokenizer):
+        raise UserError(
+            f"{with_tools}: the row comes with a list of tools, which the model's chat template does not render: "
+            "leave the tools column out, or fine-tune a model whose template supports tools"
+        )
+
+
+def renders_tools(tokenizer):
+    name = "probe_tool_7f3a"
+    tool = {"type": "function", "function": {"name": name, "description": "", "parameters": {"type": "object"}}}
+    try:
+        return name in tokenizer.apply_chat_template([{"role": "user", "content": "q"}], tools=[tool], tokenize=False)
+    except TemplateError:
+        return False
+
+
+def chat_masks(tokenizer, chats, answers_only):
+    """Token ids and loss masks of chat rows. Answers only: from the template's `{% generation %}` marks where it has
+    them (trl's way); else found turn by turn, which works for any template that renders a conversation as the
+    prefix of its continuation (almost all do); else from trl's marked copy of the template, where trl has one."""
     if not answers_only:
-        return ids, [i for i, row_ids in enumerate(ids) if min(len(row_ids), limit) >= 2]
-    # An assistant turn always carries loss (its generation marks hold at least the EOS); only for a row that is cut
-    # must the mask say whether any of it is left
-    answered = [i for i, chat in enumerate(conversations) if any(m["role"] == "assistant" for m in chat)]
-    cut = [i for i in answered if len(ids[i]) > limit]
-    cut_masks = dict(zip(cut, loss_masks(tokenizer, [conversations[i] for i in cut], True)[1])) if cut else {}
-    return ids, [i for i in answered if i not in cut_masks or any(cut_masks[i][1:limit])]
+        ids = encode(tokenizer, render(tokenizer, chats, tokenize=False))
+        return ids, [[1] * len(row_ids) for row_ids in ids]
+    if has_generation_markers(tokenizer.chat_template):
+        return marked_masks(tokenizer, chats, tokenizer.chat_template)
+    try:
+        return turn_by_turn_masks(tokenizer, chats)
+    except NotPrefixPreserving as difference:
+        try:
+            template = get_training_chat_template(tokenizer)
+        except ValueError:
+            raise UserError(
+                f"{difference}: answers cannot be told apart from prompts with this template; train on whole "
+                "conversations with --loss_on all"
+            ) from None
+        return marked_masks(tokenizer, chats, template)
 
 
-def example_row(rows, tokenizer, answers_only, row):
-    """One row as text, with the part that carries loss marked."""
-    if "text" in rows.column_names:
-        row_ids = text_ids(tokenizer, [rows[row]["text"]])[0]
-        return mark_loss(tokenizer, row_ids, [1] * len(row_ids))
-    ids, masks = loss_masks(tokenizer, [rows[row]["messages"]], answers_only)
-    return mark_loss(tokenizer, ids[0], masks[0])
+def turn_by_turn_masks(tokenizer, chats):
+    """Each assistant turn's tokens: those that rendering the conversation up to that turn adds to rendering it up to
+    the turn before with the generation prompt, through the turn's end token (`</s>`, `<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`...: the first special token after the answer), so that the model learns to stop; what a template
+    puts after it (a newline) carries no loss, as the model never writes it. The same tokens must be in the whole
+    conversation's rendering, which is what the trainer sees; a template that renders them otherwise is refused."""
+    turns = [(row, k) for row, (_, messages, _) in enumerate(chats) for k, m in enumerate(messages)
+             if m["role"] == "assistant"]  # fmt: skip
+    for row, k in turns:
+        if k == 0:
+            raise UserError(f"{chats[row][0]}: the conversation opens with an assistant turn: give the turn it answers")
+    up_to = [(chats[row][0], chats[row][1][:k], chats[row][2]) for row, k in turns]
+    prompts = encode(tokenizer, render(tokenizer, up_to, tokenize=False, add_generation_prompt=True))
+    through = [(chats[row][0], chats[row][1][: k + 1], chats[row][2]) for row, k in turns]
+    replies = encode(tokenizer, render(tokenizer, through, tokenize=False))
+    # A conversation that ends on an answer is its last reply: rendered once (a third of the time on such rows)
+    full = {row: reply for (row, k), reply in zip(turns, replies) if k == len(chats[row][1]) - 1}
+    others = [row for row in range(len(chats)) if row not in full]
+    full.update(zip(others, encode(tokenizer, render(tokenizer, [chats[row] for row in others], tokenize=False))))
+    full = [full[row] for row in range(len(chats))]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    masks = [[0] * len(row_ids) for row_ids in full]
+    for (row, k), prompt, reply in zip(turns, prompts, replies):
+        start = len(prompt)
+        end = next((i + 1 for i in range(start, len(reply)) if reply[i] in special), len(reply))
+        for alone, whole, what in ((prompt, reply[:start], "its prompt"), (reply[:end], full[row][:end], "the answer")):
+            if alone != whole:
+                raise NotPrefixPreserving(
+                    f"{chats[row][0]}: the chat template renders the conversation up to turn {k + 1} ({what}) "
+                    f"differently once it goes on: {difference(tokenizer, alone, whole)}"
+                )
+        if chats[row][1][k].get("loss_weight", 1):
+            masks[row][start:end] = [1] * (end - start)
+    return full, masks
+
+
+def difference(tokenizer, alone, whole):
+    at = next((i for i, (a, b) in enumerate(zip(alone, whole)) if a != b), min(len(alone), len(whole)))
+    return f"{tokenizer.decode(alone[at : at + 6])!r} alone, {tokenizer.decode(whole[at : at + 6])!r} in the whole"
+
+
+def marked_masks(tokenizer, chats, template):
+    """Ids and masks from the template's generation marks (transformers' assistant mask, as trl computes it); a turn
+    with loss_weight 0 is then left out: the marked spans are the assistant turns, in order."""
+    outputs = render(tokenizer, chats, chat_template=template, return_dict=True, return_assistant_tokens_mask=True)
+    ids, masks = [out["input_ids"] for out in outputs], [list(out["assistant_masks"]) for out in outputs]
+    for (place, messages, _), mask in zip(chats, masks):
+        weights = [m.get("loss_weight", 1) for m in messages if m["role"] == "assistant"]
+        if all(weights):
+            continue
+        spans = loss_spans(mask)
+        if len(spans) != len(weights):
+            raise UserError(f"{place}: loss_weight needs one marked span per assistant turn in the chat template")
+        for (start, end), weight in zip(spans, weights):
+            mask[start:end] = [weight] * (end - start)
+    return ids, masks
+
+
+def render(tokenizer, chats, **options):
+    """apply_chat_template on each (place, messages, tools): the rows without tools in one call, each row with tools
+    in its own; a row that the template refuses is named."""
+    results = [None] * len(chats)
+    plain = [i for i, (_, _, tools) in enumerate(chats) if not tools]
+    try:
+        if plain:
+            out = tokenizer.apply_chat_template([chats[i][1] for i in plain], **options)
+            if options.get("return_dict"):  # a dict of lists for the batch: one dict a row
+                out = [{key: values[j] for key, values in out.items()} for j in range(len(plain))]
+            for i, result in zip(plain, out):
+                results[i] = result
+        for i, (_, messages, tools) in enumerate(chats):
+            if tools:
+                results[i] = tokenizer.apply_chat_template(messages, tools=tools, **options)
+    except (TemplateError, ValueError):
+        for place, messages, tools in chats:
+            try:
+                tokenizer.apply_chat_template(messages, tools=tools, **options)
+            except (TemplateError, ValueError) as error:
+                raise UserError(f"{place} cannot be rendered with the chat template: {error}") from None
+        raise
+    return results
+
+
+def loss_spans(mask):
+    """The (start, end) of each run of tokens that carry loss."""
+    starts = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
+    return [(start, next((i for i in range(start, len(mask)) if not mask[i]), len(mask))) for start in starts]
+
+
+def encode(tokenizer, texts):
+    """The template's text tokenized as apply_chat_template(tokenize=True) does: no special tokens added."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 # The check
@@ -405,32 +760,55 @@ def check_rows(rows, tokenizer, max_length, answers_only):
     could be learnt from them. Returns a Report."""
     if len(rows) == 0:
         raise UserError("the data set has no rows")
-    if "text" in rows.column_names:
-        special = [tokenizer.bos_token or "", tokenizer.eos_token or ""]
-        blank = [not strip_all(text, special) for text in column_values(rows, "text")]
-    else:
-        blank = [not any(str(m["content"]).strip() for m in chat) for chat in column_values(rows, "messages")]
+    blank = blank_rows(rows, tokenizer)
     if all(blank):
         raise UserError("every row is empty once rendered: check that the columns hold the text (--check_data)")
     limit = max_length or 10**12
-    ids, keep = tokenize_rows(rows, tokenizer, answers_only, limit)
+    ids, masks = token_masks(rows, tokenizer, answers_only)
+    keep = rows_with_loss(masks, limit)
     if not keep:
         raise UserError(
             "no row has a token that carries loss"
             + (": no assistant turn within max_length; add answers, raise --max_length, or --loss_on all" if answers_only
                else f": raise --max_length ({max_length})")  # fmt: skip
         )
-    lengths = [len(row_ids) for row_ids in ids]
+    places = places_of(rows)
+    filled = [i for i, empty in enumerate(blank) if not empty]
+    lengths = [len(ids[i]) for i in filled]
     return Report(
         rows=len(rows),
         lengths=lengths,
         rows_cut=sum(length > limit for length in lengths),
-        rows_without_loss=len(rows) - len(keep),
+        rows_without_loss=len(filled) - len(keep),
         empty=sum(blank),
-        duplicates=len(ids) - len(set(map(tuple, ids))),
+        duplicates=len(filled) - len({tuple(ids[i]) for i in filled}),
         keep=keep,
-        example=example_row(rows, tokenizer, answers_only, keep[0]),
+        example=mark_loss(tokenizer, ids[keep[0]], masks[keep[0]]),
         ids=ids,
+        masks=masks,
+        places=places,
+        first_empty=next((place for place, empty in zip(places, blank) if empty), None),
+        warnings=[warning for warning in [placeholder_warning(rows, places)] if warning],
+    )
+
+
+def placeholder_warning(rows, places):
+    """Answers (for text rows, the text) holding unfilled template placeholders, which would be trained verbatim."""
+    if "text" in rows.column_names:
+        answers = [[text] for text in column_values(rows, "text")]
+    else:
+        answers = [[m["content"] for m in chat if m["role"] == "assistant"] if chat else []
+                   for chat in column_values(rows, "messages")]  # fmt: skip
+    found = []
+    for place, texts in zip(places, answers):
+        match = next((match for match in map(PLACEHOLDER.search, texts) if match), None)
+        if match:
+            found.append((place, match.group()))
+    if not found:
+        return None
+    return (
+        f"warning: {len(found):,} rows have answers holding unfilled template placeholders, which would be trained "
+        f"as they are (e.g. {found[0][0]}: {found[0][1]}): fill them in or leave those rows out"
     )
 
 
@@ -467,9 +845,11 @@ def format_report(report, shape, answers_only, max_length):
         f"95th percentile {percentile(lengths, 0.95)}, max {lengths[-1]}",
         f"max_length {max_length}: {report.rows_cut:,} rows would be cut, {report.rows_without_loss:,} rows have no "
         "token that carries loss (left out)",
-        f"empty rows: {report.empty:,}, exact duplicates: {report.duplicates:,}",
+        f"empty rows: {report.empty:,}"
+        + (f" (no text, no prompt or no answer: left out; e.g. {report.first_empty})" if report.empty else "")
+        + f", exact duplicates: {report.duplicates:,}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + report.warnings)
 
 
 # The eval split, the same for every script that reads the same settings
@@ -526,8 +906,10 @@ def answers_only_for(shape, loss_on):
 def prepare_data(settings, tokenizer):
     """Step 7 in one call: load, detect the shape, render, hold out the eval rows, check, print the report.
     Rows with no token that carries loss are left out, as trl would after cutting them. Returns PreparedData."""
-    rows = load_source(settings.dataset_name, settings.dataset_config, settings.dataset_split)
-    shape = detect_shape(rows.column_names, settings.text_column, settings.prompt_column, settings.response_column)
+    rows = with_places(load_source(settings.dataset_name, settings.dataset_config, settings.dataset_split),
+                       settings.dataset_name)  # fmt: skip
+    columns = [column for column in rows.column_names if column != PLACE]
+    shape = detect_shape(columns, settings.text_column, settings.prompt_column, settings.response_column)
     train_rows, eval_rows = eval_split(settings, rows)
     answers_only = answers_only_for(shape, settings.loss_on)
     use_chat_template(tokenizer)
@@ -536,15 +918,37 @@ def prepare_data(settings, tokenizer):
     print(format_report(report, shape, answers_only, settings.max_length))
     eval_set = None
     if eval_rows is not None:
+        if PLACE not in eval_rows.column_names:
+            eval_rows = with_places(eval_rows, settings.eval_dataset)
         eval_set = rows_in_shape(eval_rows, shape)
         eval_report = check_rows(eval_set, tokenizer, settings.max_length, answers_only)
-        eval_set = for_trainer(eval_set, tokenizer, eval_report)
-        print(f"eval: {len(eval_set):,} rows")
-    return PreparedData(for_trainer(train, tokenizer, report), eval_set, shape, answers_only, report)
+        eval_set = for_trainer(eval_set, eval_report, answers_only)
+        left_out = f" ({eval_report.empty:,} empty rows left out)" if eval_report.empty else ""
+        print(f"eval: {len(eval_set):,} rows{left_out}")
+        copies = eval_copies(report, eval_report)
+        if copies:
+            print(
+                f"warning: {len(copies):,} eval rows are exact copies of training rows (e.g. {copies[0]}): their eval "
+                "loss measures memory, not learning; remove the copies from the data"
+            )
+    return PreparedData(for_trainer(train, report, answers_only), eval_set, shape, answers_only, report)
 
 
-def for_trainer(rows, tokenizer, report):
-    """The rows that carry loss, as SFTTrainer takes them: chat rows as "messages", text rows pre-tokenized."""
-    if "text" in rows.column_names:
-        return Dataset.from_dict({"input_ids": [report.ids[i] for i in report.keep]})
-    return rows.select(report.keep) if len(report.keep) < len(rows) else rows
+def with_places(rows, name):
+    return rows.add_column(PLACE, row_places(name, rows))
+
+
+def eval_copies(train_report, eval_report):
+    """The places of the eval rows that the trainer also sees as training rows, token for token."""
+    trained = {tuple(train_report.ids[i]) for i in train_report.keep}
+    return [eval_report.places[i] for i in eval_report.keep if tuple(eval_report.ids[i]) in trained]
+
+
+def for_trainer(rows, report, answers_only):
+    """The rows that carry loss, pre-tokenized as SFTTrainer takes them: "input_ids", and for chat rows with loss on
+    the answers their "assistant_masks", from which trl builds the labels (-100 where the mask is 0; the model
+    shifts them, so a masked token is one it is not trained to predict). trl then cuts the rows at max_length."""
+    columns = {"input_ids": [report.ids[i] for i in report.keep]}
+    if "messages" in rows.column_names and answers_only:
+        columns["assistant_masks"] = [report.masks[i] for i in report.keep]
+    return Dataset.from_dict(columns)

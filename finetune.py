@@ -439,7 +439,7 @@ def full_length(settings):
     return settings.max_length * (settings.per_device_train_batch_size if flat else 1)
 
 
-def make_training_config(settings, bf16, answers_only=False, has_eval=False):
+def make_training_config(settings, bf16, has_eval=False):
     return SFTConfig(
         output_dir=settings.output_dir,
         num_train_epochs=settings.num_train_epochs,
@@ -474,7 +474,9 @@ def make_training_config(settings, bf16, answers_only=False, has_eval=False):
         padding_free=settings.padding_free,
         pad_to_multiple_of=full_length(settings) if settings.pad_to_full_length else None,
         dataset_text_field="text",
-        assistant_only_loss=answers_only,  # chat rows: loss on the {% generation %} parts of the template only
+        # Chat rows come tokenized with their loss masks (data.py finds each answer for any template); trl's own
+        # assistant_only_loss would need {% generation %} marks in the template
+        assistant_only_loss=False,
         eval_strategy="steps" if has_eval else "no",  # every eval_steps, and once more at the last step
         eval_steps=settings.eval_steps,
         # Without CUDA, processes started by `accelerate launch` train together over gloo on the CPU; without this
@@ -647,7 +649,7 @@ def main(argv=None, callbacks=()):
     compute_dtype, bf16 = pick_precision(settings.precision)
     # Made before the device map: it sets up the processes `accelerate launch` started (the only one in a plain
     # run), which the device map and the main-process checks below read
-    training_config = make_training_config(settings, bf16, dataset.answers_only, dataset.eval is not None)
+    training_config = make_training_config(settings, bf16, dataset.eval is not None)
     # Every process runs this function; only the main one prints, saves and answers (the trainer keeps its logs and
     # checkpoints to it too)
     is_main_process = PartialState().is_main_process

@@ -79,3 +79,32 @@ def tiny_run_args(model, data, workdir, *extra):
         "--sample_max_new_tokens", "8",
         *extra,
     ]  # fmt: skip
+
+
+def chat_tokenizer(entry, corpus):
+    """A BPE tokenizer trained here on `corpus` for a chat template of tests/chat_templates.json, with the template's
+    special tokens. Byte-level like Llama-3's, Qwen's and SmolLM2's; or like the SentencePiece ones (Llama-2, Mistral,
+    Gemma, Phi-3), which keep a newline and punctuation apart from the words around them."""
+    special = [token for token in [entry["bos"], entry["eos"], *entry["special"]] if token]
+    tok = Tokenizer(models.BPE(unk_token=None if entry["byte_level"] else "<unk>"))
+    if entry["byte_level"]:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Metaspace(prepend_scheme="first"), pre_tokenizers.Split("\n", "isolated"),
+             pre_tokenizers.Punctuation()]
+        )  # fmt: skip
+        tok.decoder = decoders.Metaspace(prepend_scheme="first")
+        special = ["<unk>", *special]
+        alphabet = [chr(c) for c in range(32, 127)] + ["\n", "▁"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special, initial_alphabet=alphabet)
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens(entry.get("added", []))  # tokens of the vocabulary that are not special (Qwen's <tool_call>)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=entry["bos"], eos_token=entry["eos"],
+        unk_token=None if entry["byte_level"] else "<unk>", additional_special_tokens=entry["special"],
+    )  # fmt: skip
+    tokenizer.chat_template = entry["template"]
+    return tokenizer

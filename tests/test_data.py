@@ -5,14 +5,17 @@ import contextlib
 import glob
 import io
 import json
+import re
+from importlib.resources import files
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import tiny_run_args, tutorial_rows, write_jsonl
+from conftest import ROOT, chat_tokenizer, tiny_run_args, tutorial_rows, write_jsonl
 from test_pipeline import assert_one_line_error, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoTokenizer
+from trl.chat_template_utils import has_generation_markers
 
 import data
 import finetune
@@ -28,6 +31,20 @@ CHAT = [
         {"role": "assistant", "content": f"{a + 2}."},
     ]}
     for a in range(10)
+]  # fmt: skip
+# The chat templates of eight model families, as their tokenizer configs ship them (tests/chat_templates.json says
+# where each comes from), and multi-turn rows with a system turn to render with each
+with open(f"{ROOT}/tests/chat_templates.json") as f:
+    TEMPLATES = json.load(f)
+CAPITALS = [
+    {"messages": [
+        {"role": "system", "content": "Answer in one sentence."},
+        {"role": "user", "content": f"What is the capital of {country}?"},
+        {"role": "assistant", "content": f"The capital of {country} is {city}."},
+        {"role": "user", "content": "And its river?"},
+        {"role": "assistant", "content": f"{city} lies on the {river}."},
+    ]}
+    for country, city, river in [("France", "Paris", "Seine"), ("Italy", "Rome", "Tiber"), ("Egypt", "Cairo", "Nile")]
 ]  # fmt: skip
 CHAT_ROW_0 = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 0 plus 1? [/INST] 1. </s><s>[INST] And plus 2? [/INST] 2. </s>"
 
@@ -205,13 +222,13 @@ def test_check_counts_cut_rows_lost_answers_empty_rows_and_duplicates(tokenizer)
         [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2."}],  # duplicate
         [{"role": "user", "content": long_question}, {"role": "assistant", "content": "780."}],  # answer cut off
         [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4. " * 30}],  # cut
-        [{"role": "user", "content": " "}, {"role": "assistant", "content": ""}],  # empty
+        [{"role": "user", "content": " "}, {"role": "assistant", "content": ""}],  # empty: left out
     ]
     rows = data.Dataset.from_dict({"messages": chats})
     report = data.check_rows(rows, tokenizer, 40, True)
     assert (report.rows, report.rows_cut, report.rows_without_loss) == (5, 2, 1)
     assert (report.empty, report.duplicates) == (1, 1)
-    assert report.keep == [0, 1, 3, 4]
+    assert report.keep == [0, 1, 3]
     assert report.example.endswith("[/INST]⟦2. </s>⟧")
 
 
@@ -349,3 +366,280 @@ def test_eval_loss_is_logged_at_the_interval_and_the_end_and_printed(chat_run):
     assert [event.step for event in events.Scalars("eval/loss")] == [2, 3]
     final = trainer.state.log_history[-2]["eval_loss"]
     assert f"eval loss at step 3: {final:.4f}" in out.read_text()
+
+
+# Answers-only loss on the templates of real models
+def template_tokenizer(name, rows=CAPITALS):
+    """The template `name` on a tokenizer trained on the rows' words, with the template's special tokens."""
+    corpus = [json.dumps(row) for row in rows]
+    tokenizer = chat_tokenizer(TEMPLATES[name], corpus)
+    data.use_chat_template(tokenizer)
+    return tokenizer
+
+
+def loss_texts(tokenizer, ids, mask):
+    """Each run of tokens that carries loss, decoded."""
+    return [tokenizer.decode(ids[start:end]) for start, end in data.loss_spans(mask)]
+
+
+def chat_rows(rows):
+    return data.rows_in_shape(data.Dataset.from_list(rows), data.detect_shape(list(rows[0])))
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_loss_is_on_each_answer_and_its_end_token_for_real_templates(name):
+    tokenizer = template_tokenizer(name)
+    report = data.check_rows(chat_rows(CAPITALS), tokenizer, 1024, True)
+    for row, ids, mask in zip(CAPITALS, report.ids, report.masks):
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert [text.strip() for text in loss_texts(tokenizer, ids, mask)] == [
+            TEMPLATES[name]["answer"].format(answer=answer) for answer in answers
+        ]
+        # The ids are the template's own rendering, the system turn in it (before the first question where the
+        # template has no system role: Gemma's, Mistral's)
+        messages = row["messages"]
+        if not data.has_system_role(tokenizer):
+            first = f"{messages[0]['content']}\n\n{messages[1]['content']}"
+            messages = [{"role": "user", "content": first}, *messages[2:]]
+        assert ids == tokenizer.apply_chat_template(messages, return_dict=False)
+        assert "Answer in one sentence." in tokenizer.decode(ids)
+
+
+def test_smollm2_template_is_the_one_its_gguf_file_carries():
+    gguf = pytest.importorskip("gguf")
+    from examples import smollm2
+
+    field = gguf.GGUFReader(f"{smollm2.gguf_folder()}/{smollm2.GGUF_FILE}").fields["tokenizer.chat_template"]
+    assert field.contents() == TEMPLATES["chatml-smollm2"]["template"]
+
+
+def test_a_template_that_renders_a_turn_otherwise_once_the_chat_goes_on_is_refused():
+    tokenizer = template_tokenizer("chatml-smollm2")
+    # Like Qwen3's: only the last answer gets an (empty) reasoning block
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "message['content'] + '<|im_end|>'",
+        "(('<think></think>' if loop.last and message['role'] == 'assistant' else '') + message['content'])"
+        " + '<|im_end|>'",
+    )
+    with pytest.raises(UserError, match=r"^row 1: the chat template renders the conversation up to turn 3 .*'<think>.*"
+                                        r"--loss_on all$"):  # fmt: skip
+        data.check_rows(chat_rows(CAPITALS), tokenizer, 1024, True)
+
+
+def test_one_turn_rows_carry_loss_on_the_answer_and_its_end_token():
+    tokenizer = template_tokenizer("qwen2.5-instruct", QA)
+    report = data.check_rows(chat_rows(QA), tokenizer, 1024, True)
+    assert loss_texts(tokenizer, report.ids[3], report.masks[3]) == ["3 plus 1 is 4.<|im_end|>"]
+
+
+def test_loss_weight_0_keeps_a_turn_out_of_the_loss():
+    rows = [{"messages": [{**m, "loss_weight": 0} if m["content"].startswith("The capital") else m
+                          for m in row["messages"]]} for row in CAPITALS]  # fmt: skip
+    # Found turn by turn (ChatML), and from generation marks (the Llama-2 template here)
+    for name, second_answer in [("chatml-smollm2", "Paris lies on the Seine.<|im_end|>"),
+                                ("llama-2-chat", "Paris lies on the Seine. </s>")]:  # fmt: skip
+        tokenizer = template_tokenizer(name)
+        assert has_generation_markers(tokenizer.chat_template) == (name == "llama-2-chat")
+        report = data.check_rows(chat_rows(rows), tokenizer, 1024, True)
+        assert [text.strip() for text in loss_texts(tokenizer, report.ids[0], report.masks[0])] == [second_answer]
+
+
+def test_content_as_a_list_of_text_parts_is_joined(tmp_path):
+    parts = [{"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                     {"type": "text", "value": "of Peru?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Lima."}]},
+    ]}]  # fmt: skip
+    rows = chat_rows(parts)
+    assert rows["messages"][0][0]["content"] == "What is the capital\nof Peru?"
+    tokenizer = template_tokenizer("chatml-smollm2", parts)
+    assert loss_texts(tokenizer, *(lambda r: (r.ids[0], r.masks[0]))(data.check_rows(rows, tokenizer, 1024, True))) == [
+        "Lima.<|im_end|>"
+    ]
+
+
+def test_a_part_that_is_not_text_is_refused_naming_the_line(tiny_model, tmp_path):
+    rows = [CHAT[0], {"messages": [{"role": "user", "content": [{"type": "image", "url": "cat.png"}]},
+                                   {"role": "assistant", "content": "A cat."}]}]  # fmt: skip
+    path = write_jsonl(tmp_path / "parts.jsonl", rows)
+    with pytest.raises(UserError, match=r"^parts.jsonl line 2: a message holds a part of type 'image'"):
+        finetune.main(tiny_run_args(tiny_model, path, tmp_path, "--check_data", "--eval_fraction", "0"))
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}}  # fmt: skip
+OPENAI_TOOL_CHAT = {
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "Sunny, 21 C"},
+        {"role": "assistant", "content": "It is sunny in Paris."},
+    ],
+    "tools": [WEATHER_TOOL],
+}  # fmt: skip
+SHAREGPT_TOOL_CHAT = {
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": "Sunny, 21 C"},
+        {"from": "gpt", "value": "It is sunny in Paris."},
+    ],
+    "tools": json.dumps([WEATHER_TOOL]),
+}  # fmt: skip
+QWEN_TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+
+
+@pytest.mark.parametrize("row", [OPENAI_TOOL_CHAT, SHAREGPT_TOOL_CHAT], ids=["openai", "sharegpt"])
+def test_tool_calls_render_through_the_templates_tools_and_carry_loss_the_results_not(tmp_path, row):
+    rows = data.load_source(write_jsonl(tmp_path / "tools.jsonl", [row]))
+    rows = data.rows_in_shape(rows, data.detect_shape(rows.column_names))
+    tokenizer = template_tokenizer("qwen2.5-instruct", [row])
+    report = data.check_rows(rows, tokenizer, 1024, True)
+    text = tokenizer.decode(report.ids[0])
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text  # the tools column, rendered
+    assert "<tool_response>\nSunny, 21 C\n</tool_response>" in text
+    assert loss_texts(tokenizer, report.ids[0], report.masks[0]) == [QWEN_TOOL_CALL, "It is sunny in Paris.<|im_end|>"]
+
+
+def test_tool_calls_with_a_template_without_tools_are_refused_naming_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "tools.jsonl", [CAPITALS[0], OPENAI_TOOL_CHAT])
+    rows = data.rows_in_shape(data.with_places(data.load_source(path), path), data.detect_shape(["messages", "tools"]))
+    with pytest.raises(UserError, match=r"^tools.jsonl line 2: the row holds tool calls and tool results, which the "
+                                        r"model's chat template does not render"):  # fmt: skip
+        data.check_rows(rows, template_tokenizer("llama-3-instruct"), 1024, True)
+
+
+def test_tool_calls_of_other_rows_add_no_null_arguments(tmp_path):
+    """datasets reads every row's arguments as one struct: each row would get the others' argument names, as nulls."""
+    other = json.loads(json.dumps(OPENAI_TOOL_CHAT))
+    other["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"town": "Rome", "days": 2}
+    first = json.loads(json.dumps(OPENAI_TOOL_CHAT))
+    first["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    rows = data.rows_in_shape(data.load_source(write_jsonl(tmp_path / "tools.jsonl", [first, other])),
+                              data.detect_shape(["messages", "tools"]))  # fmt: skip
+    tokenizer = template_tokenizer("qwen2.5-instruct", [first, other])
+    report = data.check_rows(rows, tokenizer, 1024, True)
+    assert loss_texts(tokenizer, report.ids[0], report.masks[0])[0] == QWEN_TOOL_CALL
+
+
+# Files read right, or refused with one line
+def test_csv_row_with_fewer_fields_than_the_header_is_named(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nhi,hello\nhow\n")
+    with pytest.raises(UserError, match=r"qa\.csv': line 3 has 1 fields, the header has 2"):
+        data.load_source(str(path))
+
+
+def test_csv_rows_that_all_have_one_field_more_are_refused(tmp_path):
+    """pandas reads them without an error, the first field of each row moved into its index."""
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nhi,hello,x\nhow,are,you\n")
+    with pytest.raises(UserError, match=r"qa\.csv': line 2 has 3 fields, the header has 2.*Quote fields"):
+        data.load_source(str(path))
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes('{"text": "a"}\n{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"rows\.jsonl': line 2 is not UTF-8 text.*save the file as UTF-8"):
+        data.load_source(str(path))
+
+
+def test_a_json_object_of_lists_is_read_as_columns(tmp_path):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps({"question": [r["question"] for r in QA], "answer": [r["answer"] for r in QA]}))
+    rows = data.load_source(str(path))
+    assert len(rows) == 10 and rows[3] == QA[3]
+    assert data.row_places(str(path), rows)[3] == "qa.json record 4"
+
+
+def test_parquet_columns_of_structs_or_lists_are_refused_not_trained_as_their_repr(tmp_path):
+    pd.DataFrame({"question": ["What is 1 plus 1?", "Why?"], "answer": [{"text": "2."}, {"text": "So."}]}).to_parquet(
+        tmp_path / "qa.parquet"
+    )
+    rows = data.load_source(str(tmp_path / "qa.parquet"))
+    with pytest.raises(UserError, match=r"^row 1: the column 'answer' holds a dict, not text"):
+        data.rows_in_shape(rows, data.detect_shape(rows.column_names))
+
+
+def test_rows_with_a_null_or_empty_question_or_answer_are_left_out_and_counted(tiny_model, tmp_path, capsys):
+    rows = QA[:6] + [{"question": "What is 9 plus 1?", "answer": None}, {"question": "", "answer": "2."},
+                     {"question": None, "answer": "3."}]  # fmt: skip
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    result = finetune.main(tiny_run_args(tiny_model, path, tmp_path, "--check_data", "--eval_fraction", "0"))
+    out = capsys.readouterr().out
+    assert "empty rows: 3 (no text, no prompt or no answer: left out; e.g. qa.jsonl line 7)" in out
+    assert len(result.train) == 6 and len(result.report.keep) == 6
+
+
+def test_text_rows_that_are_null_or_empty_are_left_out(tokenizer):
+    rows = data.rows_in_shape(data.Dataset.from_list([{"text": tutorial_rows()[0]}, {"text": None}, {"text": " "}]),
+                              data.Shape("text", ("text",), False))  # fmt: skip
+    report = data.check_rows(rows, tokenizer, 64, False)
+    assert (report.empty, report.keep) == (2, [0])
+
+
+def test_a_bad_row_is_named_by_its_line_in_the_file_not_its_place_after_the_shuffle(tiny_model, tmp_path):
+    rows = [CHAT[i % 10] for i in range(19)]
+    rows.insert(13, {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n" + "".join(json.dumps(row) + "\n" for row in rows))  # a blank first line: line 15 holds it
+    with pytest.raises(UserError, match=r"^chat.jsonl line 15: unknown speaker 'robot'"):
+        finetune.main(tiny_run_args(tiny_model, str(path), tmp_path, "--check_data", "--eval_fraction", "0.5"))
+
+
+def test_the_check_warns_about_unfilled_placeholders_and_eval_rows_copied_from_training(tiny_model, tmp_path, capsys):
+    rows = [{"question": f"What is {a} plus 1?", "answer": f"{a} plus 1 is {a + 1}."} for a in range(8)]
+    rows += [{"question": "Who are you?", "answer": "I am {{name}}, made by {{ author }}."}] * 2
+    rows += [rows[0]] * 4  # copies: some land in eval
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    finetune.main(tiny_run_args(tiny_model, path, tmp_path, "--check_data", "--eval_fraction", "0.5"))
+    out = capsys.readouterr().out
+    placeholders = re.search(r"warning: (\d) rows have answers holding unfilled template placeholders, which would be "
+                             r"trained as they are \(e\.g\. qa\.jsonl line (9|10): \{\{name\}\}\)", out)  # fmt: skip
+    copies = re.search(r"warning: (\d) eval rows are exact copies of training rows \(e\.g\. qa\.jsonl line \d+\)", out)
+    assert placeholders and copies, out
+
+
+def test_check_data_marks_the_loss_in_the_models_own_template(tiny_model, tmp_path, capsys):
+    """A model folder whose tokenizer carries SmolLM2's ChatML template: the answers, each with its <|im_end|>."""
+    folder = tmp_path / "chatml-model"
+    template_tokenizer("chatml-smollm2").save_pretrained(folder)
+    (folder / "config.json").write_text(open(f"{tiny_model}/config.json").read())
+    finetune.main(tiny_run_args(str(folder), write_jsonl(tmp_path / "chat.jsonl", CAPITALS), tmp_path, "--check_data",
+                                "--eval_fraction", "0"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "loss on answers only" in out
+    assert ("<|im_start|>assistant\n    ⟦The capital of France is Paris.<|im_end|>⟧\n    <|im_start|>user\n    And its "
+            "river?<|im_end|>\n    <|im_start|>assistant\n    ⟦Paris lies on the Seine.<|im_end|>⟧") in out  # fmt: skip
+
+
+def test_loss_on_all_gives_chat_rows_tokenized_with_loss_everywhere():
+    tokenizer = template_tokenizer("chatml-smollm2")
+    rows = chat_rows(CAPITALS)
+    report = data.check_rows(rows, tokenizer, 1024, False)
+    assert report.ids[0] == tokenizer.apply_chat_template(CAPITALS[0]["messages"], return_dict=False)
+    assert all(all(mask) for mask in report.masks)
+    assert data.for_trainer(rows, report, False).column_names == ["input_ids"]
+    assert data.for_trainer(rows, data.check_rows(rows, tokenizer, 1024, True), True).column_names == [
+        "input_ids", "assistant_masks"
+    ]
+
+
+def test_qwen3s_template_which_is_not_prefix_preserving_gets_trls_marked_copy():
+    """Qwen3's template writes an empty reasoning block into the last answer only: the answers cannot be found turn by
+    turn, and trl 1.16 ships a marked training copy of it (its chat_templates/qwen3.jinja is the Hub's template)."""
+    entry = {**TEMPLATES["qwen2.5-instruct"], "added": ["<tool_call>", "</tool_call>", "<think>", "</think>"]}
+    entry["template"] = (files("trl") / "chat_templates" / "qwen3.jinja").read_text()
+    tokenizer = chat_tokenizer(entry, [json.dumps(row) for row in CAPITALS])
+    rows = chat_rows(CAPITALS)
+    with pytest.raises(data.NotPrefixPreserving, match="<think>"):
+        data.turn_by_turn_masks(tokenizer, data.template_chats(rows, tokenizer, [0]))
+    report = data.check_rows(rows, tokenizer, 1024, True)
+    answers = [m["content"] for m in CAPITALS[0]["messages"] if m["role"] == "assistant"]
+    assert [text.strip() for text in loss_texts(tokenizer, report.ids[0], report.masks[0])] == [
+        f"<think>\n\n</think>\n\n{answer}<|im_end|>" for answer in answers
+    ]
