@@ -88,22 +88,23 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def build_checkpoint(folder):
-    """The Llama-2-7B shape in fp16 with random weights, and a 32,000-word tokenizer in which every word is a token."""
+def build_checkpoint(folder, shape=LLAMA2_7B, max_positions=4096):
+    """A Llama of this shape (the 7B one by default) in fp16 with random weights, and a word-level tokenizer of its
+    vocabulary size in which every word is a token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    if os.path.exists(os.path.join(folder, "model.safetensors.index.json")):
+    if any(os.path.exists(os.path.join(folder, name)) for name in ("model.safetensors.index.json", "model.safetensors")):
         return
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, LLAMA2_7B["vocab_size"])}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, shape["vocab_size"])}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tokenizer.save_pretrained(folder)
-    config = LlamaConfig(**LLAMA2_7B, bos_token_id=1, eos_token_id=2, max_position_embeddings=4096)
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, max_position_embeddings=max_positions)
     torch.manual_seed(SEED)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).half()
+        model = LlamaForCausalLM._from_config(config, dtype=torch.float16)  # in fp16 from the start: 13B fits
     model.save_pretrained(folder)
     del model
     torch.cuda.empty_cache()

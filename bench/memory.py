@@ -53,28 +53,6 @@ KERNEL_FLAGS = ["--precision", "bf16", "--packing", "--padding_free", "--attn_im
 CARD_CELLS = [("7b", 1024), ("7b", 4096), ("13b", 1024), ("13b", 4096), ("1b", 4096)]
 
 
-def build_checkpoint(folder, shape):
-    """The shape in fp16 with random weights, and a word-level tokenizer in which every word is a token."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, shape["vocab_size"])}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, max_position_embeddings=8192)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.float16)
-    model.save_pretrained(folder)
-    del model
-    torch.cuda.empty_cache()
-
-
 def train(argv, timer):
     """finetune.main on these settings; returns what the run measured."""
     import torch
@@ -106,10 +84,10 @@ def common_argv(ckpt, data, workdir, steps):
 
 
 def prepare(args, name):
-    from bench import write_rows
+    from bench import build_checkpoint, write_rows
 
     ckpt, data = os.path.join(args.work, name), os.path.join(args.work, "rows.jsonl")
-    build_checkpoint(ckpt, SHAPES[name])
+    build_checkpoint(ckpt, SHAPES[name], max_positions=8192)
     if not os.path.exists(data):
         write_rows(data)
     return ckpt, data
