@@ -92,17 +92,23 @@ class ModelShape:
     lora: int  # LoRA weights for the settings' rank and target layers
 
 
-def model_shape(config, lora_r, lora_target_modules):
+def layer_counts(config):
+    """The model's parameter count and its linear layers but lm_head, as (name, inputs, outputs): counted on the meta
+    device, so nothing is downloaded or allocated."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings().weight
+    linears = [(name.rsplit(".", 1)[-1], m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m.weight is not head]  # fmt: skip
+    return sum(p.numel() for p in model.parameters()), linears
+
+
+def model_shape(config, lora_r, lora_target_modules, counts=None):
+    total, linears = counts or layer_counts(config)
     targets = lora_targets(config, lora_target_modules)
-    quantized = lora = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module.weight is not model.get_output_embeddings().weight:
-            quantized += module.weight.numel()
-            if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
-                lora += lora_r * (module.in_features + module.out_features)
-    total = sum(p.numel() for p in model.parameters())
+    quantized = sum(inputs * outputs for _, inputs, outputs in linears)
+    lora = sum(lora_r * (inputs + outputs) for name, inputs, outputs in linears
+               if targets == "all-linear" or name in targets)  # fmt: skip
     text = config.get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -226,7 +232,13 @@ def pick(settings, chosen, config):
     """The recipe for these settings on this machine: (settings with the recipe applied, Choice)."""
     if settings.gpu_recipe == "tutorial" or (settings.gpu_recipe == "auto" and not runs_the_recipes()):
         return dataclasses.replace(settings, gpu_recipe="tutorial"), Choice("tutorial", {})
-    shape = model_shape(config, 0, "")  # LoRA's size follows each candidate's settings, below
+    try:
+        counts = layer_counts(config)
+        model_shape(config, settings.lora_r, settings.lora_target_modules, counts)
+    except AttributeError as error:  # a config without the sizes the memory model reads (hidden_size, ...)
+        print(f"gpu_recipe: tutorial, the settings as written: the memory model cannot read this model's sizes "
+              f"({error})")  # fmt: skip
+        return dataclasses.replace(settings, gpu_recipe="tutorial"), Choice("tutorial", {})
     free = free_gpu_gib()
     if settings.gpu_recipe == "auto":
         options = candidates(settings, chosen)
@@ -236,8 +248,7 @@ def pick(settings, chosen, config):
     tried = []
     for name, values in options:
         candidate, changes = applied(settings, values, chosen)
-        shape.lora = model_shape(config, candidate.lora_r, candidate.lora_target_modules).lora
-        need = needed_gib(shape, candidate)
+        need = needed_gib(model_shape(config, candidate.lora_r, candidate.lora_target_modules, counts), candidate)
         tried.append((name, need))
         if need <= free or settings.gpu_recipe != "auto":
             return dataclasses.replace(candidate, gpu_recipe=name), Choice(name, changes, need, free)

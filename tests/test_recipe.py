@@ -175,6 +175,17 @@ def test_a_small_card_offloads_at_a_smaller_batch_then_keeps_the_tutorials_setti
     assert choice.name == "tutorial" and not choice.changes and not settings.packing
 
 
+def test_a_model_whose_sizes_the_memory_model_cannot_read_keeps_the_settings_as_written(monkeypatch, capsys):
+    """GPT-2's config names no intermediate size: one line, and the tutorial's settings, not a traceback."""
+    from transformers import GPT2Config
+
+    on_a_gpu_with(monkeypatch, 139)
+    settings = finetune.parse_settings(finetune.Settings, [])
+    settings, choice = recipes.pick(settings, set(), GPT2Config(n_layer=2, n_embd=64, n_head=2))
+    assert choice.name == "tutorial" and not settings.packing
+    assert "the memory model cannot read this model's sizes" in capsys.readouterr().out
+
+
 class OutOfMemoryAbove(TrainerCallback):
     """Stands in for a GPU that holds `batch` rows a step: a larger step raises the error CUDA raises."""
 
