@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers.utils import is_liger_kernel_available
 
 from common import UserError, under_fsdp
 
@@ -181,8 +182,15 @@ def free_gpu_gib():
 def runs_the_recipes():
     """Liger and flex attention are GPU kernels, and the recipes were measured in bf16 on a GPU that has it: the CPU
     and GPUs without bf16 (compute capability below 8: T4, V100) keep the settings as written. So does FSDP: the
-    memory was measured with the whole model on one GPU, and FSDP never trained here."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not under_fsdp()
+    memory was measured with the whole model on one GPU, and FSDP never trained here. Liger comes with
+    requirements-gpu.txt only (on the CPU it would pull in triton for nothing): a GPU without it keeps them too."""
+    if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not under_fsdp()):
+        return False
+    if not is_liger_kernel_available():
+        print("gpu_recipe: the speed settings need liger-kernel, which is not installed (pip install -r "
+              "requirements-gpu.txt): the settings stay as written")
+        return False
+    return True
 
 
 @dataclass

@@ -45,6 +45,18 @@ def test_a_gpu_without_bf16_keeps_the_settings_as_written(monkeypatch):
     assert choice.name == "tutorial" and settings == finetune.parse_settings(finetune.Settings, ["--gpu_recipe", "tutorial"])
 
 
+def test_a_gpu_without_liger_installed_keeps_the_settings_as_written_and_says_why(monkeypatch, capsys):
+    """Liger comes with requirements-gpu.txt only: every recipe turns it on, so without it none is picked."""
+    on_a_gpu_with(monkeypatch, 139)
+    monkeypatch.setattr(recipes, "is_liger_kernel_available", lambda: False)
+    settings, choice = pick([])
+    assert choice.name == "tutorial" and not settings.use_liger_kernel
+    assert capsys.readouterr().out.splitlines() == [
+        "gpu_recipe: the speed settings need liger-kernel, which is not installed (pip install -r requirements-gpu.txt): "
+        "the settings stay as written"
+    ]
+
+
 def test_fsdp_keeps_the_settings_as_written(monkeypatch):
     """The memory was measured with the whole model on one GPU; under FSDP each GPU holds a shard."""
     on_a_gpu_with(monkeypatch, 139)
