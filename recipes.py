@@ -230,8 +230,22 @@ def against(values, settings, chosen):
     return any(key in chosen and getattr(settings, key) != value for key, value in values.items())
 
 
+def check_liger_is_installed(settings):
+    """Liger comes with requirements-gpu.txt only: a setting that needs it stops here, before the model loads, rather
+    than at transformers' ImportError when training starts."""
+    if is_liger_kernel_available():
+        return
+    install = "pip install -r requirements-gpu.txt (Liger's kernels run on a CUDA GPU only)"
+    if settings.gpu_recipe in MEMORY_MODES:
+        raise UserError(f"--gpu_recipe {settings.gpu_recipe} turns on Liger's kernels, and liger-kernel is not "
+                        f"installed: {install}, or --gpu_recipe auto")  # fmt: skip
+    if settings.use_liger_kernel:
+        raise UserError(f"--use_liger_kernel needs liger-kernel, which is not installed: {install}")
+
+
 def pick(settings, chosen, config):
     """The recipe for these settings on this machine: (settings with the recipe applied, Choice)."""
+    check_liger_is_installed(settings)
     if settings.gpu_recipe == "tutorial" or (settings.gpu_recipe == "auto" and not runs_the_recipes()):
         return dataclasses.replace(settings, gpu_recipe="tutorial"), Choice("tutorial", {})
     shape = model_shape(config, 0, "")  # LoRA's size follows each candidate's settings, below

@@ -57,6 +57,18 @@ def test_a_gpu_without_liger_installed_keeps_the_settings_as_written_and_says_wh
     ]
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--gpu_recipe", "no_checkpointing"], "--gpu_recipe no_checkpointing turns on Liger's kernels"),
+    (["--use_liger_kernel"], "--use_liger_kernel needs liger-kernel"),
+])  # fmt: skip
+def test_a_setting_that_needs_liger_without_it_installed_is_one_line(monkeypatch, argv, words):
+    on_a_gpu_with(monkeypatch, 139)
+    monkeypatch.setattr(recipes, "is_liger_kernel_available", lambda: False)
+    with pytest.raises(common.UserError, match=words) as refused:
+        pick(argv)
+    assert "pip install -r requirements-gpu.txt" in str(refused.value)
+
+
 def test_fsdp_keeps_the_settings_as_written(monkeypatch):
     """The memory was measured with the whole model on one GPU; under FSDP each GPU holds a shard."""
     on_a_gpu_with(monkeypatch, 139)
