@@ -24,6 +24,7 @@ def on_a_gpu_with(monkeypatch, free_gib, bf16=True):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     monkeypatch.setattr(recipes, "free_gpu_gib", lambda: free_gib)
+    monkeypatch.setattr(recipes, "is_liger_kernel_available", lambda: True)  # requirements-gpu.txt installed it
 
 
 def pick(argv, shape="7b", module=finetune):
