@@ -1,6 +1,8 @@
 """What finetune.py and merge_and_push.py share: the settings they both name, the command line, the tokenizer
 set-up, the choice of device, and the one-line error a user sees instead of a traceback."""
 
+import argparse
+import copy
 import dataclasses
 import difflib
 import glob
@@ -44,9 +46,35 @@ class ModelSettings:
     )
 
 
+class SettingsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """HfArgumentParser takes each setting as `--a_b` and `--a-b`: --help names the first only. A help that states its
+    own default (one computed from another setting) is not given the dataclass's placeholder as a second one."""
+
+    def _format_action_invocation(self, action):
+        shown = copy.copy(action)
+        shown.option_strings = [name for name in action.option_strings if "-" not in name.lstrip("-")]
+        return super()._format_action_invocation(shown)
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
+def settings_parser(settings_class):
+    """HfArgumentParser, whose `--no_x` for a setting that is on by default repeats x's help with the default False:
+    it is left out of --help, and x's help says it is there."""
+    parser = HfArgumentParser(settings_class, formatter_class=SettingsHelp)
+    switches = {action.dest: action for action in parser._actions if action.option_strings[0].startswith("--no_")}
+    for action in parser._actions:
+        if action.dest in switches and action is not switches[action.dest]:
+            also = "" if f"--no_{action.dest}" in action.help else f"; --no_{action.dest} turns it off"
+            action.help += f" (default: %(default)s{also})"
+            switches[action.dest].help = argparse.SUPPRESS
+    return parser
+
+
 def parse_settings(settings_class, argv=None):
     """The dataclass's defaults, with whatever the command line overrides (`--name value`)."""
-    parser = HfArgumentParser(settings_class)
+    parser = settings_parser(settings_class)
     settings, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         fields = dataclasses.fields(settings_class)
@@ -64,7 +92,7 @@ def parse_settings(settings_class, argv=None):
 
 def named_on_command_line(settings_class, argv):
     """The names of the settings the command line gives a value, whatever the value (`--x 1`, `--x=1`, `--no_x`)."""
-    parser = HfArgumentParser(settings_class)
+    parser = settings_parser(settings_class)
     unset = object()
     parser.set_defaults(**{action.dest: unset for action in parser._actions})
     return {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}

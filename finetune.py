@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -37,6 +38,12 @@ def interrupted_while_loading(signum, frame):
 # Ctrl-C over once they are done.
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupted_while_loading)
+
+# Only what the user needs to read: bitsandbytes warns at every start on a CPU with AVX512-BF16 that an optional
+# kernel from the Hub (the `kernels` package) is missing, and huggingface_hub logs each of its 5 retries of an
+# unreachable Hub before the one error line. Their own loggers, raised to errors, say neither.
+for logger_name in ("bitsandbytes.backends.cpu.ops", "huggingface_hub.utils._http"):
+    logging.getLogger(logger_name).setLevel(logging.ERROR)
 
 # Before torch starts CUDA: the allocator grows its memory segments in place instead of reserving new blocks for each
 # new size, so little more is reserved than is in use (bench/RESULTS.md). A setting of the user's own is kept.

@@ -13,6 +13,7 @@ card (README.md, training_loss.png), and only then is that folder uploaded.
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,12 @@ def interrupted_while_loading(signum, frame):
 # Ctrl-C during the imports below: one line, not a traceback (run_cli takes it over once they are done)
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupted_while_loading)
+
+# Only what the user needs to read: bitsandbytes warns at every start on a CPU with AVX512-BF16 that an optional
+# kernel from the Hub (the `kernels` package) is missing, and huggingface_hub logs each of its 5 retries of an
+# unreachable Hub before the one error line. Their own loggers, raised to errors, say neither.
+for logger_name in ("bitsandbytes.backends.cpu.ops", "huggingface_hub.utils._http"):
+    logging.getLogger(logger_name).setLevel(logging.ERROR)
 
 import httpx2  # huggingface_hub's HTTP client: its connection errors are not OSErrors
 import torch

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers.utils import is_liger_kernel_available
 
 from common import UserError, under_fsdp
 
@@ -187,8 +188,15 @@ def free_gpu_gib():
 def runs_the_recipes():
     """Liger and flex attention are GPU kernels, and the recipes were measured in bf16 on a GPU that has it: the CPU
     and GPUs without bf16 (compute capability below 8: T4, V100) keep the settings as written. So does FSDP: the
-    memory was measured with the whole model on one GPU, and FSDP never trained here."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not under_fsdp()
+    memory was measured with the whole model on one GPU, and FSDP never trained here. Liger comes with
+    requirements-gpu.txt only (on the CPU it would pull in triton for nothing): a GPU without it keeps them too."""
+    if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not under_fsdp()):
+        return False
+    if not is_liger_kernel_available():
+        print("gpu_recipe: the speed settings need liger-kernel, which is not installed (pip install -r "
+              "requirements-gpu.txt): the settings stay as written")
+        return False
+    return True
 
 
 @dataclass
@@ -228,8 +236,22 @@ def against(values, settings, chosen):
     return any(key in chosen and getattr(settings, key) != value for key, value in values.items())
 
 
+def check_liger_is_installed(settings):
+    """Liger comes with requirements-gpu.txt only: a setting that needs it stops here, before the model loads, rather
+    than at transformers' ImportError when training starts."""
+    if is_liger_kernel_available():
+        return
+    install = "pip install -r requirements-gpu.txt (Liger's kernels run on a CUDA GPU only)"
+    if settings.gpu_recipe in MEMORY_MODES:
+        raise UserError(f"--gpu_recipe {settings.gpu_recipe} turns on Liger's kernels, and liger-kernel is not "
+                        f"installed: {install}, or --gpu_recipe auto")  # fmt: skip
+    if settings.use_liger_kernel:
+        raise UserError(f"--use_liger_kernel needs liger-kernel, which is not installed: {install}")
+
+
 def pick(settings, chosen, config):
     """The recipe for these settings on this machine: (settings with the recipe applied, Choice)."""
+    check_liger_is_installed(settings)
     if settings.gpu_recipe == "tutorial" or (settings.gpu_recipe == "auto" and not runs_the_recipes()):
         return dataclasses.replace(settings, gpu_recipe="tutorial"), Choice("tutorial", {})
     try:

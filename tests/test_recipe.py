@@ -24,6 +24,7 @@ def on_a_gpu_with(monkeypatch, free_gib, bf16=True):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     monkeypatch.setattr(recipes, "free_gpu_gib", lambda: free_gib)
+    monkeypatch.setattr(recipes, "is_liger_kernel_available", lambda: True)  # requirements-gpu.txt installed it
 
 
 def pick(argv, shape="7b", module=finetune):
@@ -43,6 +44,30 @@ def test_a_gpu_without_bf16_keeps_the_settings_as_written(monkeypatch):
     on_a_gpu_with(monkeypatch, 15, bf16=False)
     settings, choice = pick([])
     assert choice.name == "tutorial" and settings == finetune.parse_settings(finetune.Settings, ["--gpu_recipe", "tutorial"])
+
+
+def test_a_gpu_without_liger_installed_keeps_the_settings_as_written_and_says_why(monkeypatch, capsys):
+    """Liger comes with requirements-gpu.txt only: every recipe turns it on, so without it none is picked."""
+    on_a_gpu_with(monkeypatch, 139)
+    monkeypatch.setattr(recipes, "is_liger_kernel_available", lambda: False)
+    settings, choice = pick([])
+    assert choice.name == "tutorial" and not settings.use_liger_kernel
+    assert capsys.readouterr().out.splitlines() == [
+        "gpu_recipe: the speed settings need liger-kernel, which is not installed (pip install -r requirements-gpu.txt): "
+        "the settings stay as written"
+    ]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gpu_recipe", "no_checkpointing"], "--gpu_recipe no_checkpointing turns on Liger's kernels"),
+    (["--use_liger_kernel"], "--use_liger_kernel needs liger-kernel"),
+])  # fmt: skip
+def test_a_setting_that_needs_liger_without_it_installed_is_one_line(monkeypatch, argv, words):
+    on_a_gpu_with(monkeypatch, 139)
+    monkeypatch.setattr(recipes, "is_liger_kernel_available", lambda: False)
+    with pytest.raises(common.UserError, match=words) as refused:
+        pick(argv)
+    assert "pip install -r requirements-gpu.txt" in str(refused.value)
 
 
 def test_fsdp_keeps_the_settings_as_written(monkeypatch):

@@ -1,0 +1,83 @@
+"""What a user reads from the scripts: --help lists each setting once with its real default, and a run prints what the
+user needs, not the libraries' start-up and retry chatter."""
+
+import dataclasses
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+
+import huggingface_hub
+import pytest
+
+import common
+import finetune
+import merge_and_push
+from conftest import ROOT
+
+SCRIPTS = {"finetune.py": finetune.Settings, "merge_and_push.py": merge_and_push.Settings}
+
+
+def run(script, *args):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "1000"},  # wide: a default is never wrapped at a '-'
+        cwd=ROOT,
+    )
+
+
+def help_entries(text):
+    """--help's options, each as one string: the option names, then the help text."""
+    options = text.split("\noptions:\n")[1]
+    entries = re.split(r"\n(?=  -)", options.strip("\n"))
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_each_setting_once_with_its_real_default(script):
+    result = run(script, "--help")
+    assert result.returncode == 0 and result.stderr == ""  # nothing from the libraries either
+    entries = help_entries(result.stdout)
+    fields = dataclasses.fields(SCRIPTS[script])
+    assert sorted(entries) == sorted(["-h", *(f"--{f.name}" for f in fields)])  # no --a-b alias, no --no_x entry
+    for field in fields:
+        entry = entries[f"--{field.name}"]
+        assert entry.count("(default:") == 1, entry
+        if field.default is True:  # its --no_x turns it off, and the default is the setting's own
+            assert f"--no_{field.name}" in entry and "(default: True" in entry, entry
+        elif "(default:" not in field.metadata["help"]:  # one computed from another setting is said in words
+            assert f"(default: {field.default})" in entry, entry
+    if script == "finetune.py":
+        assert "(default: True; --no_use_4bit turns it off)" in entries["--use_4bit"]
+
+
+def test_a_bad_model_offline_prints_only_the_error_line():
+    result = run("finetune.py", "--model_name", "nobody-here/no-such-model")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: cannot load the model 'nobody-here/no-such-model'")
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # no bitsandbytes warning before it
+
+
+def test_an_unreachable_hub_is_retried_without_a_line_for_each_retry(monkeypatch):
+    """huggingface_hub retries an unreachable Hub 5 times, logging 2 lines each time: only the error line is left."""
+    unreachable = "http://127.0.0.1:9"  # the discard port: refused
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        unreachable + "/{repo_id}/resolve/{revision}/{filename}")  # fmt: skip
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)  # the retries wait 1 + 2 + 4 + 8 + 8 s
+    logged = logging.Handler()
+    logged.emit = lambda record: pytest.fail(f"huggingface_hub logged: {record.getMessage()}")
+    logging.getLogger("huggingface_hub").addHandler(logged)  # its stderr handler was bound before pytest's capture
+    try:
+        with pytest.raises(common.UserError, match="cannot load the model 'nobody-here/no-such-model'"):
+            common.load_config("nobody-here/no-such-model", False)
+    finally:
+        logging.getLogger("huggingface_hub").removeHandler(logged)
+    assert len(slept) == 5  # it did retry
