@@ -130,13 +130,29 @@ def run_converter(args):
     return result.returncode, result.stderr
 
 
-def check_converter_takes(config, tokenizer):
+def refuse_remote_code(folder):
+    """The converter loads some tokenizers with trust_remote_code=True: a folder that names code of its own (auto_map)
+    would have it run, which trust_remote_code off promises not to do."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            names_code = "auto_map" in json.load(f)
+        if names_code:
+            raise UserError(f"the model's {name} names Python code of its own (auto_map), which llama.cpp's converter "
+                            "would run: pass --trust_remote_code if you have read that code, or drop --gguf")  # fmt: skip
+
+
+def check_converter_takes(config, tokenizer, trust_remote_code):
     """The converter's own checks on this model, run before the merge on what the merged folder will hold but the
     weights (config.json and the tokenizer): its architecture and its tokenizer (a BPE pre-tokenizer it does not know
     stops it). Takes seconds: it writes the vocabulary only."""
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        if not trust_remote_code:
+            refuse_remote_code(folder)
         code, log = run_converter([folder, "--vocab-only", "--outfile", os.path.join(folder, "vocab.gguf")])
     if code == 0:
         return
@@ -150,7 +166,8 @@ def check_converter_takes(config, tokenizer):
 def check_gguf_request(settings, tokenizer):
     """--gguf's checks, before any merge work: returns the types to make (f16 first, always)."""
     check_llama_cpp()
-    check_converter_takes(load_config(settings.model_name, settings.trust_remote_code), tokenizer)
+    config = load_config(settings.model_name, settings.trust_remote_code)
+    check_converter_takes(config, tokenizer, settings.trust_remote_code)
     return list(dict.fromkeys([REFERENCE_TYPE, *requested_types(settings.gguf)]))
 
 
@@ -306,24 +323,46 @@ def mean_kl_of(reference, llm, rows_ids):
 
 def gguf_answers(llm, prompts_ids, budget):
     """Per prompt: llama.cpp's greedy continuation (its own greedy sampler, not stopping), and its completion, which
-    stops on the model's end-of-generation token: (tokens, finish_reason, text)."""
+    stops on the model's end-of-generation token: (tokens, finish_reason, completion tokens, text)."""
     out = []
     for ids in prompts_ids:
         tokens = list(itertools.islice(llm.generate(ids, top_k=1, temp=0.0, reset=True), budget))
-        completion = llm.create_completion(ids, max_tokens=budget, temperature=0.0)["choices"][0]
-        out.append((tokens, completion["finish_reason"], completion["text"]))
+        completion = llm.create_completion(ids, max_tokens=budget, temperature=0.0)
+        choice = completion["choices"][0]
+        out.append((tokens, choice["finish_reason"], completion["usage"]["completion_tokens"], choice["text"]))
     return out
+
+
+def stops_alike(finish_reason, n_tokens, merged_length):
+    """llama.cpp stopped on the stop token right where the merged model's answer ends (its length counts the EOS,
+    llama.cpp's count leaves it out), or neither stopped within the budget."""
+    if merged_length is None:
+        return finish_reason == "length"
+    return finish_reason == "stop" and n_tokens + 1 == merged_length
+
+
+def answer_check(llm, gguf_ids, greedy, budget, eos_ids):
+    """The f16 file's continuations and stops against the merged model's (the quantized files are measured by
+    their KL: their greedy answers may rightly drift)."""
+    answers = gguf_answers(llm, gguf_ids, budget)
+    merged_lengths = [answer_length(ref, eos_ids) for ref in greedy]
+    return {
+        "greedy_matching_tokens": [matching_prefix(a[0], ref) for a, ref in zip(answers, greedy)],
+        "stops_like_merged": [stops_alike(a[1], a[2], n) for a, n in zip(answers, merged_lengths)],
+        "merged_answer_tokens": merged_lengths,
+        "finish_reasons": [a[1] for a in answers],
+        "answers": [a[3] for a in answers],
+    }
 
 
 def verify_gguf(settings, train_settings, tokenizer, record, rows_ids):
     """The numbers of every GGUF file against the merged model; passed when the f16 file renders the prompts into the
     same tokens, says the same template and eos/pad ids, and continues each prompt like the merged model for the whole
-    budget (at least GREEDY_TOKENS tokens), stopping where it stops."""
+    budget (GREEDY_TOKENS tokens), stopping where it stops."""
     budget = GREEDY_TOKENS
     conversations = prompt_conversations(train_settings, settings.verify_rows)
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     prompts_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    eos_ids = {tokenizer.eos_token_id}
     model = reference_model(settings.merged_dir)
     reference = reference_logits(model, rows_ids)
     greedy = [reference_greedy(model, ids, budget, tokenizer.pad_token_id) for ids in prompts_ids]
@@ -337,19 +376,14 @@ def verify_gguf(settings, train_settings, tokenizer, record, rows_ids):
         gguf_prompts = [tokenizer.apply_chat_template(c, chat_template=own_template, add_generation_prompt=True,
                                                       tokenize=False) for c in conversations]  # fmt: skip
         gguf_ids = [llm.tokenize(p.encode(), add_bos=False, special=True) for p in gguf_prompts]
-        answers = gguf_answers(llm, gguf_ids, budget)
         report["files"][gguf_type] = {
             **made,
             **gguf_metadata_check(llm, tokenizer),
             "prompt_tokens_same": gguf_ids == prompts_ids,
             "mean_kl": mean_kl_of(reference, llm, rows_ids),
-            "greedy_matching_tokens": [matching_prefix(g, ref) for (g, _, _), ref in zip(answers, greedy)],
-            "stops_like_merged": [(reason == "stop") == (answer_length(ref, eos_ids) is not None)
-                                  for (_, reason, _), ref in zip(answers, greedy)],  # fmt: skip
-            "answers": [text for _, _, text in answers],
-            "merged_answer_tokens": [answer_length(ref, eos_ids) for ref in greedy],
-            "finish_reasons": [reason for _, reason, _ in answers],
         }
+        if gguf_type == REFERENCE_TYPE:
+            report["files"][gguf_type].update(answer_check(llm, gguf_ids, greedy, budget, {tokenizer.eos_token_id}))
         del llm
     f16 = report["files"][REFERENCE_TYPE]
     report["passed"] = (f16["chat_template_same"] and f16["eos_pad_same"] and f16["prompt_tokens_same"]
@@ -359,10 +393,12 @@ def verify_gguf(settings, train_settings, tokenizer, record, rows_ids):
 
 def print_gguf_verification(report):
     for gguf_type, v in report["files"].items():
-        stops = v["stops_like_merged"]
-        print(f"GGUF {gguf_type}: {v['bytes'] / 1e6:.1f} MB, mean KL to the merged model {v['mean_kl']:.3g}, greedy "
-              f"tokens matching (of {report['budget_tokens']}): {min(v['greedy_matching_tokens'])} at least, "
-              f"stops like the merged model on {sum(stops)}/{len(stops)} prompts")  # fmt: skip
+        line = f"GGUF {gguf_type}: {v['bytes'] / 1e6:.1f} MB, mean KL to the merged model {v['mean_kl']:.3g}"
+        if "greedy_matching_tokens" in v:
+            stops = v["stops_like_merged"]
+            line += (f", greedy tokens matching the merged model's: {min(v['greedy_matching_tokens'])} at least of "
+                     f"{report['budget_tokens']}, stops where it stops on {sum(stops)}/{len(stops)} prompts")
+        print(line)
 
 
 def check_gguf_verification(report, settings):
@@ -495,8 +531,8 @@ def llama2_go_template(tokenizer):
         '{{ $system := .System }}{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}'
         f'{{{{ if eq .Role "user" }}}}{bos}[INST] {{{{ if $system }}}}<<SYS>>\n{{{{ $system }}}}\n<</SYS>>\n\n'
         '{{ $system = "" }}{{ end }}{{ .Content }} [/INST]'
-        f'{{{{ else if eq .Role "assistant" }}}} {{{{ .Content }}}}{{{{ if not $last }}}} {eos}{{{{ end }}}}{{{{ end }}}}'
-        "{{ end }}"
+        f'{{{{ else if eq .Role "assistant" }}}} {{{{ .Content }}}}{{{{ if not $last }}}} {eos}{{{{ end }}}}'
+        "{{ end }}{{ end }}"
     )
 
 
@@ -537,13 +573,12 @@ def write_modelfile(settings, train_settings, tokenizer, generation_config, gguf
 
 
 # The card and the push
-def gguf_card(settings, info, export, report, has_template, merged_card):
+def gguf_card(settings, info, report, has_template, merged_card):
     rows = "\n".join(
-        f"| `{v['file']}` | {t} | {v['bytes'] / 1e6:.1f} MB | {v['convert_seconds']:.1f} s | {v['mean_kl']:.3g} | "
-        f"{min(v['greedy_matching_tokens'])} of {report['budget_tokens']} | "
-        f"{sum(v['stops_like_merged'])}/{len(v['stops_like_merged'])} |"
+        f"| `{v['file']}` | {t} | {v['bytes'] / 1e6:.1f} MB | {v['convert_seconds']:.1f} s | {v['mean_kl']:.3g} |"
         for t, v in report["files"].items() if t in settings.gguf_types
     )  # fmt: skip
+    f16 = report["files"][REFERENCE_TYPE]
     first = gguf_name(settings, settings.gguf_types[0])
     section = f"""## GGUF files (llama.cpp, Ollama, LM Studio)
 
@@ -552,9 +587,15 @@ def gguf_card(settings, info, export, report, has_template, merged_card):
 file). Each file was loaded with llama.cpp on the CPU and compared with the merged model in transformers on
 {report["rows"]} held-out rows and {report["prompts"]} prompts rendered through the file's own chat template:
 
-| file | quantization | size | conversion time | mean KL vs merged | greedy tokens like merged | stops like merged |
-| --- | --- | --- | --- | --- | --- | --- |
+| file | quantization | size | conversion time | mean KL per token vs the merged model |
+| --- | --- | --- | --- | --- |
 {rows}
+
+The f16 file (made for this check{"" if REFERENCE_TYPE in settings.gguf_types else ", not published"}): the same chat
+template and eos/pad ids as the merged folder: {f16["chat_template_same"] and f16["eos_pad_same"]}; the same prompt
+tokens: {f16["prompt_tokens_same"]}; greedy continuation equal to the merged model's for
+{min(f16["greedy_matching_tokens"])} of {report["budget_tokens"]} tokens at least; stops on the stop token where the
+merged model does on {sum(f16["stops_like_merged"])} of {report["prompts"]} prompts.
 
 Ollama (the Modelfile {"holds the chat template as a Go TEMPLATE" if has_template else "leaves the template to Ollama"},
 the stop tokens and the system prompt of the training rows):
@@ -614,7 +655,7 @@ def export_gguf(settings, info, train_settings, tokenizer, source, rows_ids):
         with open(os.path.join(settings.merged_dir, "README.md")) as f:
             merged_card = f.read()
     with open(os.path.join(settings.gguf_dir, "README.md"), "w") as f:
-        f.write(gguf_card(settings, info, export, report, has_template, merged_card))
+        f.write(gguf_card(settings, info, report, has_template, merged_card))
     merged_verification = os.path.join(settings.merged_dir, VERIFICATION)
     with open(merged_verification) as f:
         merged = json.load(f)

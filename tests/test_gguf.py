@@ -201,6 +201,15 @@ def test_rerun_after_a_failed_upload_does_not_convert_again(smol_run, monkeypatc
         assert f"| {gguf_type} | {size:.1f} MB |" in card.text
     assert "ollama create" in card.text and "mean KL" in card.text
 
+    # Into the model's own repo: the same files but the numbers (the merged folder's verification.json holds them),
+    # the card the merged model's with the GGUF section after it
+    merge_and_push.main([*smol_run["argv"], "--gguf_same_repo"])
+    folder, allowed = calls[REPO]
+    assert folder == str(smol_run["gguf_dir"]) and "verification.json" not in allowed and "Modelfile" in allowed
+    same_repo_card = (smol_run["gguf_dir"] / "README.md").read_text()
+    assert same_repo_card.startswith((smol_run["merged"] / "README.md").read_text().rstrip())
+    assert "## GGUF files" in same_repo_card
+
 
 # Bad inputs, refused before any merge work (the tiny model: no real model is needed to be refused)
 @pytest.fixture(scope="module")
@@ -268,3 +277,12 @@ def test_llama2_modelfile_template_renders_like_the_chat_template(tiny_model):
     with_system = [{"role": "system", "content": "Be brief."}, *conversation]
     expected = tokenizer.apply_chat_template(with_system, add_generation_prompt=True, tokenize=False)
     assert go_render(template, "Be brief.", conversation) == expected
+
+
+def test_model_naming_code_of_its_own_is_not_given_to_the_converter(tiny_model):
+    """llama.cpp's converter loads some tokenizers with trust_remote_code=True: with it off here, a model whose
+    config names code of its own (auto_map) stops before the converter runs."""
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.auto_map = {"AutoConfig": "configuration_mine.MyConfig"}
+    with pytest.raises(UserError, match="auto_map"):
+        gguf_export.check_converter_takes(config, AutoTokenizer.from_pretrained(tiny_model), trust_remote_code=False)
