@@ -293,15 +293,30 @@ def matching_prefix(a, b):
 
 
 def load_gguf(path, n_ctx):
+    """The file in llama.cpp, without its extra buffer types (llama.cpp's use_extra_bufts off, as --no-extra-bufts):
+    on this project's CPU machine, which has AMX, llama.cpp's AMX matmul (ggml_backend_amx_mul_mat, an extra buffer
+    type) died on a general protection fault at its first tile instruction while evaluating the held-out rows.
+    llama-cpp-python's Llama takes no argument for it, so its default model parameters are wrapped while it loads."""
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
-    return Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+    default = lib.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = without_extra_buffers
+    try:
+        return Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+    finally:
+        lib.llama_model_default_params = default
 
 
-def gguf_metadata_check(llm, tokenizer):
+def metadata_check(meta, tokenizer):
     """What the GGUF file itself says of its chat template and its eos and pad ids, beside the merged folder's."""
-    meta = llm.metadata
-    eos, pad = int(meta.get("tokenizer.ggml.eos_token_id", -1)), int(meta.get("tokenizer.ggml.padding_token_id", -1))
+    eos, pad = int(meta.get("tokenizer.ggml.eos_token_id") or -1), int(meta.get("tokenizer.ggml.padding_token_id") or -1)
     return {
         "chat_template_same": meta.get("tokenizer.chat_template") == tokenizer.chat_template,
         "eos_token_id": eos,
@@ -310,13 +325,11 @@ def gguf_metadata_check(llm, tokenizer):
     }
 
 
-def mean_kl_of(reference, llm, rows_ids):
+def mean_kl_of(reference, gguf_logits):
     """KL(merged || GGUF) per token over every token of the rows, from llama.cpp's logits of the same ids."""
     kl = []
-    for ref, ids in zip(reference, rows_ids):
-        llm.reset()
-        llm.eval(ids)
-        logits = torch.from_numpy(llm.scores[: len(ids)].copy())
+    for ref, logits in zip(reference, gguf_logits):
+        logits = torch.from_numpy(logits)
         kl.append(F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1))
     return torch.cat(kl).mean().item()
 
@@ -341,10 +354,8 @@ def stops_alike(finish_reason, n_tokens, merged_length):
     return finish_reason == "stop" and n_tokens + 1 == merged_length
 
 
-def answer_check(llm, gguf_ids, greedy, budget, eos_ids):
-    """The f16 file's continuations and stops against the merged model's (the quantized files are measured by
-    their KL: their greedy answers may rightly drift)."""
-    answers = gguf_answers(llm, gguf_ids, budget)
+def answer_check(answers, greedy, eos_ids):
+    """The f16 file's continuations and stops against the merged model's."""
     merged_lengths = [answer_length(ref, eos_ids) for ref in greedy]
     return {
         "greedy_matching_tokens": [matching_prefix(a[0], ref) for a, ref in zip(answers, greedy)],
@@ -353,6 +364,30 @@ def answer_check(llm, gguf_ids, greedy, budget, eos_ids):
         "finish_reasons": [a[1] for a in answers],
         "answers": [a[3] for a in answers],
     }
+
+
+def llama_cpp_side(path, n_ctx, merged_dir, conversations, rows_ids, budget, with_answers):
+    """Everything llama.cpp does for the check of one file: its metadata, its prompt tokens (the prompts rendered
+    through the file's own chat template, tokenized by llama.cpp), its logits of the rows and, with with_answers, its
+    continuations and completions."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    llm = load_gguf(path, n_ctx)
+    own_template = llm.metadata.get("tokenizer.chat_template")
+    prompts = [tokenizer.apply_chat_template(c, chat_template=own_template, add_generation_prompt=True, tokenize=False)
+               for c in conversations]  # fmt: skip
+    gguf_ids = [llm.tokenize(p.encode(), add_bos=False, special=True) for p in prompts]
+    logits = []
+    for ids in rows_ids:
+        llm.reset()
+        llm.eval(ids)
+        logits.append(llm.scores[: len(ids)].copy())
+    answers = gguf_answers(llm, gguf_ids, budget) if with_answers else None
+    metadata = {key: llm.metadata.get(key) for key in
+                ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id")}  # fmt: skip
+    llm.close()
+    return metadata, gguf_ids, logits, answers
 
 
 def verify_gguf(settings, train_settings, tokenizer, record, rows_ids):
@@ -370,21 +405,18 @@ def verify_gguf(settings, train_settings, tokenizer, record, rows_ids):
     n_ctx = max(len(ids) for ids in [*rows_ids, *prompts_ids]) + budget + 8
     report = {"budget_tokens": budget, "rows": len(rows_ids), "prompts": len(prompts_ids), "files": {}}
     for gguf_type, made in record["files"].items():
-        llm = load_gguf(os.path.join(settings.gguf_dir, made["file"]), n_ctx)
-        # The prompt rendered through the GGUF's own chat template and tokenized by llama.cpp's tokenizer
-        own_template = llm.metadata.get("tokenizer.chat_template")
-        gguf_prompts = [tokenizer.apply_chat_template(c, chat_template=own_template, add_generation_prompt=True,
-                                                      tokenize=False) for c in conversations]  # fmt: skip
-        gguf_ids = [llm.tokenize(p.encode(), add_bos=False, special=True) for p in gguf_prompts]
+        path = os.path.join(settings.gguf_dir, made["file"])
+        metadata, gguf_ids, logits, answers = llama_cpp_side(
+            path, n_ctx, settings.merged_dir, conversations, rows_ids, budget, gguf_type == REFERENCE_TYPE
+        )
         report["files"][gguf_type] = {
             **made,
-            **gguf_metadata_check(llm, tokenizer),
+            **metadata_check(metadata, tokenizer),
             "prompt_tokens_same": gguf_ids == prompts_ids,
-            "mean_kl": mean_kl_of(reference, llm, rows_ids),
+            "mean_kl": mean_kl_of(reference, logits),
         }
-        if gguf_type == REFERENCE_TYPE:
-            report["files"][gguf_type].update(answer_check(llm, gguf_ids, greedy, budget, {tokenizer.eos_token_id}))
-        del llm
+        if answers is not None:  # the quantized files are measured by their KL: their answers may rightly drift
+            report["files"][gguf_type].update(answer_check(answers, greedy, {tokenizer.eos_token_id}))
     f16 = report["files"][REFERENCE_TYPE]
     report["passed"] = (f16["chat_template_same"] and f16["eos_pad_same"] and f16["prompt_tokens_same"]
                         and min(f16["greedy_matching_tokens"]) >= budget and all(f16["stops_like_merged"]))  # fmt: skip
