@@ -140,8 +140,8 @@ def refuse_remote_code(folder):
         with open(path) as f:
             names_code = "auto_map" in json.load(f)
         if names_code:
-            raise UserError(f"the model's {name} names Python code of its own (auto_map), which llama.cpp's converter "
-                            "would run: pass --trust_remote_code if you have read that code, or drop --gguf")  # fmt: skip
+            raise UserError(f"the model's {name} names Python code of its own (auto_map), which llama.cpp's "
+                            "converter would run: pass --trust_remote_code if you have read that code, or drop --gguf")
 
 
 def check_converter_takes(config, tokenizer, trust_remote_code):
@@ -316,7 +316,8 @@ def load_gguf(path, n_ctx):
 
 def metadata_check(meta, tokenizer):
     """What the GGUF file itself says of its chat template and its eos and pad ids, beside the merged folder's."""
-    eos, pad = int(meta.get("tokenizer.ggml.eos_token_id") or -1), int(meta.get("tokenizer.ggml.padding_token_id") or -1)
+    eos = int(meta.get("tokenizer.ggml.eos_token_id", -1))
+    pad = int(meta.get("tokenizer.ggml.padding_token_id", -1))
     return {
         "chat_template_same": meta.get("tokenizer.chat_template") == tokenizer.chat_template,
         "eos_token_id": eos,
@@ -384,8 +385,8 @@ def llama_cpp_side(path, n_ctx, merged_dir, conversations, rows_ids, budget, wit
         llm.eval(ids)
         logits.append(llm.scores[: len(ids)].copy())
     answers = gguf_answers(llm, gguf_ids, budget) if with_answers else None
-    metadata = {key: llm.metadata.get(key) for key in
-                ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id")}  # fmt: skip
+    keys = ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id")
+    metadata = {key: llm.metadata[key] for key in keys if key in llm.metadata}
     llm.close()
     return metadata, gguf_ids, logits, answers
 
@@ -441,7 +442,7 @@ def check_gguf_verification(report, settings):
         f"{os.path.join(settings.gguf_dir, VERIFICATION)})"
     )
     if not settings.push_unverified:
-        raise UserError(f"{problem}. No GGUF file was pushed. Pass --push_unverified to push them anyway")
+        raise UserError(f"{problem}. Nothing was pushed. Pass --push_unverified to push them anyway")
     print(f"WARNING: {problem}. --push_unverified is set: pushing them anyway.", file=sys.stderr)
 
 

@@ -35,7 +35,8 @@ def main():
     settings = SimpleNamespace(merged_dir=args.merged_dir, gguf_dir=out_dir, hub_repo="bench", overwrite_merged=True)
     record = gguf_export.convert(settings, types, {"bench": args.merged_dir})
     for gguf_type, made in record["files"].items():
-        print(json.dumps({"type": gguf_type, "bytes": made["bytes"], "convert_seconds": round(made["convert_seconds"], 2)}))
+        seconds = round(made["convert_seconds"], 2)
+        print(json.dumps({"type": gguf_type, "bytes": made["bytes"], "convert_seconds": seconds}))
     print(json.dumps({"merged_dir": args.merged_dir, "cpu": platform.processor() or platform.machine(),
                       "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}))  # fmt: skip
     if not args.keep:

@@ -100,8 +100,9 @@ def test_f16_file_continues_each_held_out_prompt_like_the_merged_model(smol_run)
     model = AutoModelForCausalLM.from_pretrained(smol_run["merged"], dtype="float32")
     import torch
 
-    out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                         pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones(1, len(ids), dtype=torch.long))  # fmt: skip
+    mask = torch.ones(1, len(ids), dtype=torch.long)
+    out = model.generate(torch.tensor([ids]), attention_mask=mask, max_new_tokens=32, do_sample=False,
+                         eos_token_id=None, pad_token_id=tokenizer.pad_token_id)  # past the EOS: all 32 compared
     assert gguf_tokens == out[0, len(ids) :].tolist()
 
 
