@@ -50,6 +50,7 @@ from transformers import AutoModelForCausalLM
 import card
 import data
 import finetune
+import gguf_export
 from common import (
     ModelSettings,
     UserError,
@@ -98,6 +99,12 @@ class Settings(ModelSettings):
     )
     push_adapter: bool = setting(False, "also push the LoRA adapter, with its own card, to adapter_repo")
     adapter_repo: str = setting("", "Hub repo of the adapter (default: <hub_repo>-adapter)")
+    gguf: str = setting(
+        "", "also export GGUF files for llama.cpp and Ollama, checked against the merged model: comma-separated, "
+        f"out of {', '.join(gguf_export.GGUF_TYPES)} (e.g. q8_0 or f16,q4_k_m; needs llama-cpp-python)"
+    )
+    gguf_dir: str = setting("", "folder the GGUF files and the Modelfile are written to (default: <merged_dir>-gguf)")
+    gguf_same_repo: bool = setting(False, "push the GGUF files into hub_repo itself, not into <hub_repo>-GGUF")
 
 
 def check_settings(settings):
@@ -515,6 +522,8 @@ def main(argv=None):
     settings.hub_repo = settings.hub_repo or os.path.basename(settings.new_model.rstrip("/"))
     settings.adapter_repo = settings.adapter_repo or f"{settings.hub_repo}-adapter"
     check_settings(settings)
+    settings.gguf_dir = settings.gguf_dir or f"{settings.merged_dir.rstrip('/')}-gguf"  # GGUF export
+    settings.gguf_repo = settings.hub_repo if settings.gguf_same_repo else f"{settings.hub_repo}-GGUF"
     check_adapter(settings)
     check_merged_dir(settings)
     if settings.push:
@@ -526,6 +535,9 @@ def main(argv=None):
     source = merge_source(settings)
     # The tokenizer finetune.py saved beside the adapter: the one the model was trained with, chat template included
     tokenizer = load_tokenizer(settings.new_model, settings.trust_remote_code)
+    # GGUF export (gguf_export.py): its checks, before the merge
+    settings.gguf_types = gguf_export.requested_types(settings.gguf)
+    settings.gguf_make = gguf_export.check_gguf_request(settings, tokenizer) if settings.gguf_types else []
 
     if merged_dir_is_current(settings, source):
         print(f"{settings.merged_dir} is a complete merge of this adapter: using it, not merging again")
@@ -540,11 +552,17 @@ def main(argv=None):
     print_verification(report)
     write_merged_card(settings, info, report, tokenizer)
     check_verification(report, settings)
+    if settings.gguf_make:  # GGUF export (gguf_export.py): convert, check against the merged folder, Modelfile, card
+        rows_ids = verification_ids(train_settings, tokenizer, settings.verify_rows)
+        gguf_report = gguf_export.export_gguf(settings, info, train_settings, tokenizer, source, rows_ids)
+        gguf_export.check_gguf_verification(gguf_report, settings)
 
     if settings.push:
         push_folder(settings.merged_dir, settings.hub_repo, settings.private)
         if settings.push_adapter:
             push_adapter_folder(settings, info, report, tokenizer)
+        if settings.gguf_make:  # GGUF export (gguf_export.py)
+            gguf_export.push_gguf(settings)
 
 
 if __name__ == "__main__":
