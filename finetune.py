@@ -31,6 +31,7 @@ from importlib.metadata import version
 if "PYTORCH_ALLOC_CONF" not in os.environ:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+import bitsandbytes as bnb
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
@@ -380,7 +381,19 @@ def load_base_model(settings, bnb_config, device_map):
         attn_implementation=settings.attn_implementation,
     )
     model.config.use_cache = False  # the cache is useless while training and conflicts with gradient checkpointing
+    keep_4bit_weights_as_loaded(model)
     return model
+
+
+def keep_4bit_weights_as_loaded(model):
+    """On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a Linear4bit's weights in place on its first eval-mode
+    forward (its absmax turned to bf16 and transposed); the next state_dict() (every checkpoint, the adapter's save)
+    unpacks the weights but leaves absmax transposed, so from then on the layer computes with scrambled scales: a
+    run's loss jumped from 2.34 to 15.8 after an eval and a checkpoint. With the repacking off, an eval-mode forward
+    runs the same dequantize-and-matmul as training. The switch only acts on CPU inputs (a GPU never repacks)."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def make_lora_config(settings):
