@@ -388,6 +388,24 @@ def tokenize_rows(rows, tokenizer, answers_only, limit):
     return ids, [i for i in answered if i not in cut_masks or any(cut_masks[i][:limit])]
 
 
+def loss_rows(rows, tokenizer, answers_only, max_length):
+    """Rows as the trainer computes their loss: (token ids, labels) pairs, a label -100 where the token carries no
+    loss, cut at max_length, rows left with no loss-carrying token dropped (trl 1.16's _prepare_dataset does the
+    same). Takes chat rows ("messages"), ready-made text ("text") or rows already tokenized ("input_ids")."""
+    if "messages" in rows.column_names:
+        ids, masks = loss_masks(tokenizer, column_values(rows, "messages"), answers_only)
+    else:
+        ids = column_values(rows, "input_ids") if "input_ids" in rows.column_names else text_ids(
+            tokenizer, column_values(rows, "text")
+        )
+        masks = [[1] * len(row_ids) for row_ids in ids]
+    pairs = [
+        (row_ids[:max_length], [t if keep else -100 for t, keep in zip(row_ids, mask)][:max_length])
+        for row_ids, mask in zip(ids, masks)
+    ]
+    return [(row_ids, labels) for row_ids, labels in pairs if any(label != -100 for label in labels)]
+
+
 def example_row(rows, tokenizer, answers_only, row):
     """One row as text, with the part that carries loss marked."""
     if "text" in rows.column_names:
