@@ -169,7 +169,8 @@ def test_merged_model_worse_than_the_base_is_not_pushed_unasked(trained, tiny_mo
     save_file({k: -5 * w if "lora_B" in k else w for k, w in weights.items()}, adapter / "adapter_model.safetensors")
     uploads = []
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(merge_and_push.HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://x/{repo_id}"))
+    hub = "https://huggingface.co"
+    monkeypatch.setattr(merge_and_push.HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"{hub}/{repo_id}"))
     monkeypatch.setattr(merge_and_push.HfApi, "upload_folder", lambda self, **kwargs: uploads.append(kwargs))
     args = ["--model_name", tiny_model, "--new_model", str(adapter), "--merged_dir", str(tmp_path / "merged"),
             "--hub_repo", "someone/tiny"]  # fmt: skip
