@@ -125,12 +125,14 @@ def merged_dir_is_current(settings, source):
         with open(os.path.join(folder, MERGE_SOURCE_FILE)) as f:
             recorded = json.load(f)
         merged_into = recorded.pop("merge_base", None)
-        if recorded == source and merged_into in MERGE_BASES:
-            if settings.merge_base in ("auto", merged_into):
-                return merged_into
-            what = f"this adapter merged into the {MERGE_BASES[merged_into]}, not the {settings.merge_base} merge"
-        else:
+        if recorded != source:
             what = "a merge of another adapter"
+        elif merged_into not in MERGE_BASES:
+            what = "a merge of this adapter by an earlier version, which did not record the weights it went into"
+        elif settings.merge_base in ("auto", merged_into):
+            return merged_into
+        else:
+            what = f"this adapter merged into the {MERGE_BASES[merged_into]}, not the {settings.merge_base} merge"
     except (OSError, ValueError):
         what = "files that are no merge this script completed"
     raise UserError(

@@ -132,6 +132,15 @@ def test_auto_publishes_the_merge_of_the_lower_heldout_loss_and_says_why(publish
     assert report["loss_base"] == report["merges"]["fp16"]["loss_base"]  # the original weights, adapter off
 
 
+def test_a_merged_folder_of_the_other_merge_is_not_reused_for_a_forced_one(published, base):
+    _, workdir = published
+    merged_into = json.loads((workdir / "adapter-merged" / merge_and_push.MERGE_SOURCE_FILE).read_text())["merge_base"]
+    other = next(name for name in merge_and_push.MERGE_BASES if name != merged_into)
+    with pytest.raises(UserError, match=f"not the {other} merge: pass --overwrite_merged"):
+        merge_and_push.main(["--model_name", base, "--new_model", str(workdir / "adapter"), "--no_push",
+                             "--merge_base", other])  # fmt: skip
+
+
 def test_finetune_measures_the_heldout_loss_before_and_after_as_the_trainers_eval_does(published):
     """The same rows, rendering and loss mask: the trainer's own eval loss of its eval rows (one batch of 5), with
     the adapter off (the base, before training) and on (after)."""
