@@ -546,7 +546,8 @@ def last_logged(log_history, key):
 
 def save_training_info(trainer, settings, answer, heldout):
     """What the model card needs, beside the adapter: the settings (there is no token among them), versions, time,
-    GPU, tokens seen, the trainer's log history and the sample answer merge_and_push.py prints beside its own."""
+    GPU, tokens seen, the trainer's log history, the held-out loss before and after training, and the sample answer
+    (kept for the record: merge_and_push.py asks the models it loads for their own)."""
     log_history = trainer.state.log_history
     tokens_seen = last_logged(log_history, "num_tokens")  # trl's running count; the trainer's own is off by default
     info = {

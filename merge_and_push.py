@@ -6,8 +6,10 @@ Steps 11-12 of the tutorial. Every setting below can be edited here or overridde
     python merge_and_push.py --no_push                        # merge and save locally only
     python merge_and_push.py --help                           # every setting with its default
 
-The merged model is saved to --merged_dir first, checked against base + adapter (verification.json), given a model
-card (README.md, training_loss.png), and only then is that folder uploaded.
+The adapter is merged into the dequantized NF4 weights and into the original fp16 weights, each measured in memory on
+the held-out rows, and the merge of the lower held-out loss is saved to --merged_dir (--merge_base forces one). That
+folder is checked against base + adapter and against the base model's held-out loss (verification.json), given a
+model card (README.md, training_loss.png), and only then uploaded.
 """
 
 import dataclasses
