@@ -119,7 +119,6 @@ def training_section(info, verification):
     settings = info["settings"]
     runtime = info["train_runtime_s"]
     eval_loss = info["final_eval_loss"]
-    v = verification
     return f"""## How it was trained
 
 QLoRA: the base model loaded in 4 bits ({settings["bnb_4bit_quant_type"]}), a LoRA adapter of rank {settings["lora_r"]}
@@ -142,25 +141,41 @@ Library versions:
 
 ## Verification of the merge
 
-Before publishing, the merged fp16 model saved to disk was compared with the base model plus the unmerged adapter
-(merged into: {v["merge_base"]} base weights, compute in {v["compute_dtype"]}) on {v["rows"]} rows ({v["tokens"]} tokens)
-held out from training (or, with no eval set, of the training rows):
+{verification_section(verification)}
+"""
+
+
+def verification_section(v):
+    """The held-out losses (the base model's among them), the merged model against base + adapter, and the merged
+    model's own sample answer: the published model's, from the folder that was checked."""
+    heldout = v["heldout"]
+    losses = "\n".join(f"| {what} | {number(loss)} |" for what, loss in v["heldout_losses"])
+    verdict = "passed" if v["passed"] and v["beats_base"] else "FAILED (published with --push_unverified)"
+    answer = v["sample"]["merged_answer"]
+    sample = "" if answer is None else f"""
+Sample answer of this merged model to {v["sample"]["prompt"]!r}, greedy, at most {v["sample"]["max_new_tokens"]} new
+tokens: {answer!r}
+"""
+    return f"""Merged into the base model's {v["merged_into"]}: {v["merge_choice"]}.
+
+Held-out loss (mean cross-entropy per loss-carrying token, loss on {heldout["loss_on"]}) on {heldout["rows"]}
+{heldout["rows_from"]} rows ({heldout["tokens"]} tokens), compute in {v["compute_dtype"]}:
+
+| model | held-out loss |
+| --- | --- |
+{losses}
+
+The merged model saved to disk, compared with the base model plus the unmerged adapter on {v["rows"]} of those rows
+({v["tokens"]} tokens):
 
 | measure | value |
 | --- | --- |
 | largest absolute logit difference, merged vs base + adapter | {number(v["max_abs_logit_diff"])} |
 | mean KL divergence per token, merged vs base + adapter | {number(v["mean_kl"])} (limit {v["max_kl"]}) |
-| loss of the merged model | {number(v["loss_merged"])} |
-| loss of the base + unmerged adapter | {number(v["loss_unmerged"])} |
-| loss of the adapter on the 4-bit base it was trained on | {number(v["loss_4bit_adapter"])} |
 | mean KL divergence per token, merged vs the adapter on the 4-bit base | {number(v["mean_kl_to_4bit_adapter"])} |
-| passed | {v["passed"]} |
-
-Sample answer to {v["sample"]["prompt"]!r}, greedy, at most {v["sample"]["max_new_tokens"]} new tokens:
-
-- the adapter on the 4-bit base, after training: {v["sample"]["finetune_answer"]!r}
-- the merged model: {v["sample"]["merged_answer"]!r}
-"""
+| lower held-out loss than the base model | {v["beats_base"]} |
+| verification | {verdict} |
+{sample}"""
 
 
 def merged_model_card(info, verification, repo_id, render):
@@ -170,7 +185,7 @@ def merged_model_card(info, verification, repo_id, render):
     body = f"""# {repo_id}
 
 `{settings["model_name"]}` fine-tuned with QLoRA on `{settings["dataset_name"]}`, with the LoRA adapter merged into the
-base model's weights (fp16).
+base model's {verification["merged_into"]}, saved in fp16.
 
 ## Usage
 

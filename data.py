@@ -754,6 +754,26 @@ def encode(tokenizer, texts):
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
+def loss_rows(rows, tokenizer, answers_only, max_length):
+    """Rows as the trainer computes their loss: (token ids, labels) pairs, a label -100 where the token carries no
+    loss, cut at max_length, rows left with no loss-carrying token after the first dropped (trl 1.16's
+    _prepare_dataset does the same). Takes rows as rows_in_shape gives them, or as for_trainer does (input_ids, with
+    assistant_masks for chat rows with loss on the answers)."""
+    if "input_ids" in rows.column_names:
+        ids = column_values(rows, "input_ids")
+        if "assistant_masks" in rows.column_names:
+            masks = column_values(rows, "assistant_masks")
+        else:
+            masks = [[1] * len(row_ids) for row_ids in ids]
+    else:
+        ids, masks = token_masks(rows, tokenizer, answers_only)
+    pairs = [
+        (row_ids[:max_length], [t if keep else -100 for t, keep in zip(row_ids, mask)][:max_length])
+        for row_ids, mask in zip(ids, masks)
+    ]
+    return [(row_ids, labels) for row_ids, labels in pairs if any(label != -100 for label in labels[1:])]
+
+
 # The check
 def check_rows(rows, tokenizer, max_length, answers_only):
     """Renders and tokenizes the rows and counts what would go wrong in training. Raises UserError when nothing

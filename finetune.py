@@ -50,6 +50,7 @@ for logger_name in ("bitsandbytes.backends.cpu.ops", "huggingface_hub.utils._htt
 if "PYTORCH_ALLOC_CONF" not in os.environ:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+import bitsandbytes as bnb
 import torch
 from accelerate import PartialState
 from bitsandbytes.optim.optimizer import Optimizer8bit
@@ -403,7 +404,19 @@ def load_base_model(settings, bnb_config, device_map):
         attn_implementation=settings.attn_implementation,
     )
     model.config.use_cache = False  # the cache is useless while training and conflicts with gradient checkpointing
+    keep_4bit_weights_as_loaded(model)
     return model
+
+
+def keep_4bit_weights_as_loaded(model):
+    """On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a Linear4bit's weights in place on its first eval-mode
+    forward (its absmax turned to bf16 and transposed); the next state_dict() (every checkpoint, the adapter's save)
+    unpacks the weights but leaves absmax transposed, so from then on the layer computes with scrambled scales (in
+    issue 13 a run's loss jumped from 2.34 to 15.8 after an eval and a checkpoint). With the repacking off, an
+    eval-mode forward runs the same dequantize-and-matmul as training. The switch only acts on CPU inputs."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def make_lora_config(settings):
@@ -519,6 +532,27 @@ def take_finished_checkpoint(trainer, checkpoint):
     trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
 
 
+def heldout_loss(model, rows):
+    """Mean cross-entropy per loss-carrying token over (ids, labels) rows (data.loss_rows), one row at a time, so no
+    padding enters: the trainer's eval loss for rows that fit one batch, and the same number in every script."""
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in rows:
+            n = sum(label != -100 for label in labels[1:])  # the model predicts each label from the tokens before it
+            loss = model(input_ids=torch.tensor([ids], device=model.device),
+                         labels=torch.tensor([labels], device=model.device)).loss  # fmt: skip
+            total, tokens = total + loss.item() * n, tokens + n
+    return total / tokens
+
+
+def heldout_summary(rows, answers_only, before, after):
+    """What finetune.py measured on the held-out rows, for training_info.json, the card and merge_and_push.py."""
+    tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in rows)
+    loss_on = "answers" if answers_only else "all"
+    return {"rows": len(rows), "tokens": tokens, "loss_on": loss_on, "before_training": before, "after_training": after}
+
+
 def sample_answer(model, tokenizer, question, max_new_tokens):
     # Rendered with the chat template the training rows were: the same tokens as a training prompt
     inputs = data.prompt_inputs(tokenizer, question).to(model.device)
@@ -526,6 +560,14 @@ def sample_answer(model, tokenizer, question, max_new_tokens):
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def held_out_line(summary):
+    before, after = summary["before_training"], summary["after_training"]
+    return (
+        f"held-out loss ({summary['rows']} rows, {summary['tokens']} tokens, loss on {summary['loss_on']}): "
+        f"{before:.4f} before training, {after:.4f} after ({100 * (after - before) / before:+.1f}%)"
+    )
 
 
 class SaveOnCtrlC(TrainerCallback):
@@ -613,9 +655,10 @@ def last_logged(log_history, key):
     return next((entry[key] for entry in reversed(log_history) if key in entry), None)
 
 
-def save_training_info(trainer, settings, answer, folder):
+def save_training_info(trainer, settings, answer, heldout, folder):
     """What the model card needs, beside the adapter: the settings (there is no token among them), versions, time,
-    GPU, tokens seen, the trainer's log history and the sample answer merge_and_push.py prints beside its own."""
+    GPU, tokens seen, the trainer's log history, the held-out loss before and after training, and the sample answer
+    (kept for the record: merge_and_push.py asks the models it loads for their own)."""
     log_history = trainer.state.log_history
     tokens_seen = last_logged(log_history, "num_tokens")  # trl's running count; the trainer's own is off by default
     info = {
@@ -628,6 +671,7 @@ def save_training_info(trainer, settings, answer, folder):
         "final_train_loss": last_logged(log_history, "loss"),
         "final_eval_loss": last_logged(log_history, "eval_loss"),
         "log_history": log_history,
+        "heldout_loss": heldout,
         "sample": {"prompt": settings.sample_prompt, "answer": answer},
     }
     write_json_whole(os.path.join(folder, TRAINING_INFO), info)
@@ -682,6 +726,13 @@ def main(argv=None, callbacks=()):
     trainer.add_callback(KeepAdapterDtypes(trainer.model))
     trainer.add_callback(recipes.SmallerBatchAfterOutOfMemory(trainer.data_collator, settings, full_length))
 
+    # The held-out loss before and after training, on the eval rows as the trainer scores them. Under FSDP a forward
+    # needs every process in step (and the trainer wraps the model only in train()): its eval_loss is logged instead
+    heldout = None
+    if dataset.eval is not None and not under_fsdp():
+        heldout = data.loss_rows(dataset.eval, tokenizer, dataset.answers_only, settings.max_length)
+        with trainer.model.disable_adapter():
+            before = heldout_loss(trainer.model, heldout)
     if is_main_process:
         save_run_settings(settings, recipe.changes)
     if checkpoint and run_is_finished(checkpoint):
@@ -709,7 +760,12 @@ def main(argv=None, callbacks=()):
     # and only it moves the finished folder, training_info.json in it, into place
     with folder_written_whole(settings.new_model, main_process=is_main_process) as folder:
         trainer.save_model(folder)  # the adapter (not the base model) and the tokenizer
+        summary = None
+        if heldout is not None:  # measured after the save, so it is the saved adapter's loss
+            summary = heldout_summary(heldout, dataset.answers_only, before, heldout_loss(trainer.model, heldout))
         if is_main_process:
+            if summary:
+                print(held_out_line(summary))
             answer = None
             if under_fsdp():
                 # Each GPU holds a shard of the model: generating would need every process in step with the main one
@@ -717,7 +773,7 @@ def main(argv=None, callbacks=()):
             elif settings.sample_max_new_tokens > 0:
                 answer = sample_answer(trainer.model, tokenizer, settings.sample_prompt, settings.sample_max_new_tokens)
                 print(f"{settings.sample_prompt}\n>>> {answer}")
-            save_training_info(trainer, settings, answer, folder)
+            save_training_info(trainer, settings, answer, summary, folder)
     if is_main_process:
         print(f"adapter saved to {settings.new_model}")
     return trainer

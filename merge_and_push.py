@@ -6,8 +6,10 @@ Steps 11-12 of the tutorial. Every setting below can be edited here or overridde
     python merge_and_push.py --no_push                        # merge and save locally only
     python merge_and_push.py --help                           # every setting with its default
 
-The merged model is saved to --merged_dir first, checked against base + adapter (verification.json), given a model
-card (README.md, training_loss.png), and only then is that folder uploaded.
+The adapter is merged into the dequantized NF4 weights and into the original fp16 weights, each measured in memory on
+the held-out rows, and the merge of the lower held-out loss is saved to --merged_dir (--merge_base forces one). That
+folder is checked against base + adapter and against the base model's held-out loss (verification.json), given a
+model card (README.md, training_loss.png), and only then uploaded.
 """
 
 import dataclasses
@@ -74,6 +76,8 @@ if __name__ == "__main__":
 # is complete and current: a rerun (after a failed upload) pushes it as it is.
 MERGE_SOURCE_FILE = "merge_source.json"
 VERIFICATION = "verification.json"
+# The weights an adapter can be merged into, as the summary and the card name them
+MERGE_BASES = {"nf4": "dequantized NF4 weights", "fp16": "original fp16 weights"}
 
 
 @dataclass
@@ -84,18 +88,22 @@ class Settings(ModelSettings):
     private: bool = setting(False, "create the Hub repo as private")
     overwrite_merged: bool = setting(False, "replace what merged_dir holds: another run's merge, or other files")
     merge_base: str = setting(
-        "nf4",
-        "weights the adapter is merged into. nf4: the base's 4-bit NF4 weights the adapter was trained on, "
-        "dequantized to fp16 (measured closest to the trained adapter: see README); fp16: the original fp16 "
-        "weights (the tutorial's merge)",
-        choices=["nf4", "fp16"],
+        "auto",
+        "weights the adapter is merged into. auto: both merges are made in memory and measured on the held-out rows, "
+        "and the one with the lower held-out loss is saved (see README); nf4: the base's 4-bit NF4 weights the "
+        "adapter was trained on, dequantized to fp16; fp16: the original fp16 weights (the tutorial's merge)",
+        choices=["auto", *MERGE_BASES],
     )
-    verify_rows: int = setting(8, "rows of the data set the merged model is checked on against the adapter")
+    verify_rows: int = setting(
+        8, "held-out rows on which the merged model's logits are compared with base + adapter (the held-out loss "
+        "is measured on all of them)"
+    )
     verify_max_kl: float = setting(
         0.01, "largest mean KL divergence per token allowed between the merged model and base + adapter"
     )
     push_unverified: bool = setting(
-        False, "push even when the merged model disagrees with the adapter beyond verify_max_kl (warns loudly)"
+        False, "push even when the merged model disagrees with the adapter beyond verify_max_kl, or scores a higher "
+        "held-out loss than the base model (warns loudly)"
     )
     push_adapter: bool = setting(False, "also push the LoRA adapter, with its own card, to adapter_repo")
     adapter_repo: str = setting("", "Hub repo of the adapter (default: <hub_repo>-adapter)")
@@ -173,16 +181,24 @@ def merge_source(settings):
 
 
 def merged_dir_is_current(settings, source):
-    """True: merged_dir is a complete merge of this base model and adapter. False: it is free to write.
-    Anything else in it stops the run, unless --overwrite_merged."""
+    """The weights merged_dir's complete merge of this adapter went into ('nf4' or 'fp16'), or None: it is free to
+    write. Anything else in it (another adapter's merge, the other merge than --merge_base asks for, other files)
+    stops the run, unless --overwrite_merged."""
     folder = settings.merged_dir
     if not os.path.isdir(folder) or not os.listdir(folder) or settings.overwrite_merged:
-        return False
+        return None
     try:
         with open(os.path.join(folder, MERGE_SOURCE_FILE)) as f:
-            if json.load(f) == source:
-                return True
-        what = "a merge of another adapter"
+            recorded = json.load(f)
+        merged_into = recorded.pop("merge_base", None)
+        if recorded != source:
+            what = "a merge of another adapter"
+        elif merged_into not in MERGE_BASES:
+            what = "a merge of this adapter by an earlier version, which did not record the weights it went into"
+        elif settings.merge_base in ("auto", merged_into):
+            return merged_into
+        else:
+            what = f"this adapter merged into the {MERGE_BASES[merged_into]}, not the {settings.merge_base} merge"
     except (OSError, ValueError):
         what = "files that are no merge this script completed"
     raise UserError(
@@ -282,9 +298,9 @@ def load_dequantized_nf4_base(train_settings):
     return load_4bit_base(train_settings).dequantize(dtype=torch.float16).to(torch.float16)
 
 
-def load_merge_base(settings, train_settings):
-    """The fp16 base model the adapter is (or was) merged into, as merge_base says."""
-    if settings.merge_base == "nf4":
+def load_merge_base(settings, train_settings, merge_base):
+    """The fp16 base model the adapter is (or was) merged into: 'nf4' or 'fp16'."""
+    if merge_base == "nf4":
         return load_dequantized_nf4_base(train_settings)
     return AutoModelForCausalLM.from_pretrained(
         settings.model_name,
@@ -296,9 +312,69 @@ def load_merge_base(settings, train_settings):
 
 
 # Step 11. Reload the base model in fp16, attach the adapter and merge it in
-def merge_adapter(settings, train_settings):
-    model = PeftModel.from_pretrained(load_merge_base(settings, train_settings), settings.new_model)
-    return model.merge_and_unload()
+def merge_adapter(settings, train_settings, merge_base):
+    return merge_into(load_merge_base(settings, train_settings, merge_base), settings.new_model)
+
+
+def merge_into(base_model, adapter):
+    return PeftModel.from_pretrained(base_model, adapter).merge_and_unload()
+
+
+# Which weights to merge into: both merges measured in memory on the held-out rows, only the one chosen is saved
+def compute_dtype():
+    return torch.float16 if torch.cuda.is_available() else torch.float32  # fp32 compute on the CPU
+
+
+def scoring_rows(settings, train_settings, tokenizer):
+    """(rows, what they are): the rows finetune.py held out from training (its eval split, rebuilt from
+    its own settings), as the trainer scores them, (ids, labels) with its loss mask; finetune.py measured its
+    before and after losses on the same. With no eval set (--eval_fraction 0), the first verify_rows training rows."""
+    train_rows, eval_rows = data.load_splits(train_settings)
+    rows = eval_rows if eval_rows is not None else train_rows.select(range(min(settings.verify_rows, len(train_rows))))
+    shape = data.detect_shape(
+        rows.column_names, train_settings.text_column, train_settings.prompt_column, train_settings.response_column
+    )
+    answers_only = data.answers_only_for(shape, train_settings.loss_on)
+    rows = data.loss_rows(data.rows_in_shape(rows, shape), tokenizer, answers_only, train_settings.max_length)
+    return rows, {"rows_from": "held-out" if eval_rows is not None else "training", "rows": len(rows),
+                  "tokens": count_loss_tokens(rows), "loss_on": "answers" if answers_only else "all"}  # fmt: skip
+
+
+def loss_in_compute_dtype(model, rows):
+    """The held-out loss of an fp16 model in the compute dtype, as the saved folder is measured when loaded back;
+    cast back to fp16 after, which is exact (every weight came from fp16)."""
+    loss = finetune.heldout_loss(model.to(compute_dtype()), rows)
+    model.to(torch.float16)
+    return loss
+
+
+def measure_merges(settings, train_settings, rows, merges):
+    """{base: {"loss_base": the held-out loss of those weights (the adapter off), "loss_merged": of the adapter
+    merged into them}} for each base in merges, plus the original fp16 weights' loss, which the published model must
+    beat. Merged in memory, one model at a time: nothing is written, so measuring two merges takes no more disk."""
+    measured = {}
+    for base in dict.fromkeys([*merges, "fp16"]):
+        model = load_merge_base(settings, train_settings, base)
+        measured[base] = {"loss_base": loss_in_compute_dtype(model, rows)}
+        if base in merges:
+            model = merge_into(model, settings.new_model)
+            measured[base]["loss_merged"] = loss_in_compute_dtype(model, rows)
+        del model
+    return measured
+
+
+def choose_merge(settings, measured):
+    """(merge base, why): the one --merge_base names, or with auto the merge of the lower held-out loss (on a tie,
+    nf4, the weights the adapter was trained on)."""
+    if settings.merge_base != "auto":
+        return settings.merge_base, f"--merge_base {settings.merge_base}"
+    loss = {base: measured[base]["loss_merged"] for base in MERGE_BASES}
+    best = min(MERGE_BASES, key=loss.get)
+    other = next(base for base in MERGE_BASES if base != best)
+    return best, (
+        f"merge_base auto: the lower held-out loss, {loss[best]:.4f} merged into the {MERGE_BASES[best]} against "
+        f"{loss[other]:.4f} into the {MERGE_BASES[other]}"
+    )
 
 
 def align_special_tokens(model, tokenizer):
@@ -336,27 +412,15 @@ def save_merged(model, tokenizer, merged_dir, source):
 
 
 # After the merge: check the merged folder against the adapter the user means to publish
-def verification_ids(train_settings, tokenizer, n_rows):
-    """Token ids of a few rows finetune.py held out from training (its eval split, rebuilt from its own settings;
-    with no eval set, the first training rows), rendered and cut exactly as the trainer saw them."""
-    train_rows, eval_rows = data.load_splits(train_settings)
-    rows = eval_rows if eval_rows is not None else train_rows
-    shape = data.detect_shape(
-        rows.column_names, train_settings.text_column, train_settings.prompt_column, train_settings.response_column
-    )
-    rows = data.rows_in_shape(rows.select(range(min(n_rows, len(rows)))), shape)
-    answers_only = data.answers_only_for(shape, train_settings.loss_on)
-    ids, kept = data.tokenize_rows(rows, tokenizer, answers_only, train_settings.max_length)
-    return [ids[i][: train_settings.max_length] for i in kept]
-
-
 def read_verification(settings):
-    """The numbers of an earlier run's verification of this same merged folder (a rerun after a failed upload)."""
+    """The numbers of an earlier run's verification of this same merged folder (a rerun after a failed upload); None
+    for a verification.json this version did not write (it lacks the held-out losses)."""
     path = os.path.join(settings.merged_dir, VERIFICATION)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        report = json.load(f)
+    return report if "loss_base" in report else None
 
 
 def row_logits(model, rows_ids):
@@ -366,12 +430,6 @@ def row_logits(model, rows_ids):
         return [model(torch.tensor([ids], device=model.device)).logits[0].float().cpu() for ids in rows_ids]
 
 
-def mean_loss(logits, rows_ids):
-    """Next-token loss over every token of the rows, as the trainer computes it on a 'text' data set."""
-    nll = [F.cross_entropy(lg[:-1], torch.tensor(ids[1:]), reduction="sum") for lg, ids in zip(logits, rows_ids)]
-    return (sum(nll) / sum(len(ids) - 1 for ids in rows_ids)).item()
-
-
 def mean_kl(reference, other):
     """KL(reference || other) per token, averaged over all tokens of the rows."""
     kl = [F.kl_div(o.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="none").sum(-1)
@@ -379,73 +437,132 @@ def mean_kl(reference, other):
     return torch.cat(kl).mean().item()
 
 
-def verify_merged(settings, info, train_settings, tokenizer):
-    """Compares the merged model on disk with the base model plus the unmerged adapter in --new_model, in the same
-    dtype, and measures the gap to the adapter on the 4-bit base it was trained on. One model at a time is loaded,
-    so a GPU that fits the merged model fits this too. The numbers go to <merged_dir>/verification.json."""
-    compute_dtype = torch.float16 if torch.cuda.is_available() else torch.float32  # fp32 compute on the CPU
-    rows_ids = verification_ids(train_settings, tokenizer, settings.verify_rows)
+def verify_merged(settings, info, train_settings, tokenizer, rows, merge):
+    """Measures the merged model on disk, as the Hub will serve it: its held-out loss on `rows`, and its logits on the
+    first verify_rows of them against the base model plus the unmerged adapter in --new_model, in the same dtype,
+    and against the adapter on the 4-bit base it was trained on. Both sample answers come from the models named, on
+    paths checked here: the merged folder, and the 4-bit base loaded with bitsandbytes' CPU repacking off
+    (finetune.keep_4bit_weights_as_loaded). One model at a time is loaded, so a GPU that fits the merged model fits
+    this too. `merge` holds the choice and measure_merges' numbers; all goes to <merged_dir>/verification.json."""
+    dtype, device = compute_dtype(), "cuda" if torch.cuda.is_available() else "cpu"
+    rows_ids = [ids for ids, _ in rows[: settings.verify_rows]]
+    prompt, budget = train_settings.sample_prompt, train_settings.sample_max_new_tokens
+
+    def answer(model):
+        return finetune.sample_answer(model, tokenizer, prompt, budget) if budget > 0 else None  # 0: no sample
 
     merged = AutoModelForCausalLM.from_pretrained(
-        settings.merged_dir,
-        dtype=compute_dtype,
-        device_map="cuda" if torch.cuda.is_available() else "cpu",
-        trust_remote_code=settings.trust_remote_code,
+        settings.merged_dir, dtype=dtype, device_map=device, trust_remote_code=settings.trust_remote_code,
         use_safetensors=True,
     )
-    merged_logits = row_logits(merged, rows_ids)
-    prompt, budget = train_settings.sample_prompt, train_settings.sample_max_new_tokens
-    merged_answer = finetune.sample_answer(merged, tokenizer, prompt, budget) if budget > 0 else None  # 0: no sample
+    merged_logits, loss_merged = row_logits(merged, rows_ids), finetune.heldout_loss(merged, rows)
+    merged_answer = answer(merged)
     del merged  # each model is dropped before the next one loads
-    unmerged = PeftModel.from_pretrained(load_merge_base(settings, train_settings).to(compute_dtype), settings.new_model)
-    unmerged_logits = row_logits(unmerged, rows_ids)
-    del unmerged
-    trained_logits = row_logits(PeftModel.from_pretrained(load_4bit_base(train_settings), settings.new_model), rows_ids)
+    base = load_merge_base(settings, train_settings, merge["base"]).to(dtype)
+    unmerged = PeftModel.from_pretrained(base, settings.new_model)
+    unmerged_logits, loss_unmerged = row_logits(unmerged, rows_ids), finetune.heldout_loss(unmerged, rows)
+    del base, unmerged
+    trained = PeftModel.from_pretrained(load_4bit_base(train_settings), settings.new_model)
+    trained_logits, loss_trained = row_logits(trained, rows_ids), finetune.heldout_loss(trained, rows)
+    adapter_answer = answer(trained)
+    del trained
 
     report = {
-        "merge_base": settings.merge_base,
-        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "merge_base": merge["base"],
+        "merged_into": MERGE_BASES[merge["base"]],
+        "merge_choice": merge["why"],
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "heldout": merge["heldout"],
+        "loss_base": merge["measured"]["fp16"]["loss_base"],  # the original weights: what the user started from
+        "loss_merged": loss_merged,
+        "loss_unmerged": loss_unmerged,
+        "loss_4bit_adapter": loss_trained,
+        "merges": merge["measured"],
+        "finetune": info.get("heldout_loss"),  # finetune.py's own before and after, on the same rows
         "rows": len(rows_ids),
         "tokens": sum(len(ids) for ids in rows_ids),
         "max_abs_logit_diff": max((m - u).abs().max().item() for m, u in zip(merged_logits, unmerged_logits)),
         "mean_kl": mean_kl(unmerged_logits, merged_logits),
-        "loss_merged": mean_loss(merged_logits, rows_ids),
-        "loss_unmerged": mean_loss(unmerged_logits, rows_ids),
-        "loss_4bit_adapter": mean_loss(trained_logits, rows_ids),
         "mean_kl_to_4bit_adapter": mean_kl(trained_logits, merged_logits),
         "max_kl": settings.verify_max_kl,
-        "sample": {"prompt": prompt, "max_new_tokens": budget, "finetune_answer": info["sample"]["answer"],
-                   "merged_answer": merged_answer},
+        "sample": {"prompt": prompt, "max_new_tokens": budget, "merged_answer": merged_answer,
+                   "adapter_answer": adapter_answer},
     }  # fmt: skip
     report["passed"] = report["mean_kl"] <= settings.verify_max_kl
+    report["beats_base"] = report["loss_merged"] <= report["loss_base"]
+    report["heldout_losses"] = heldout_table(report)  # what the summary prints and the card shows
     write_json_whole(os.path.join(settings.merged_dir, VERIFICATION), report)  # read back by a rerun
     return report
 
 
+def count_loss_tokens(rows):
+    return sum(sum(label != -100 for label in labels[1:]) for _, labels in rows)
+
+
+def heldout_table(report):
+    """(what, held-out loss) of every model measured, the base first and the published model last."""
+    merges, before_after = report["merges"], report["finetune"] or {}
+    lines = [("the base model, original weights", report["loss_base"])]
+    if before_after:
+        lines += [
+            ("the base model in 4 bits, before training (finetune.py)", before_after["before_training"]),
+            ("the adapter on the 4-bit base, after training (finetune.py)", before_after["after_training"]),
+        ]
+    lines.append(("the adapter on the 4-bit base, loaded again", report["loss_4bit_adapter"]))
+    lines += [(f"merged into the {MERGE_BASES[base]}", merges[base]["loss_merged"])
+              for base in MERGE_BASES if "loss_merged" in merges.get(base, {})]  # fmt: skip
+    lines.append((f"published: the {report['merge_base']} merge, saved and loaded back", report["loss_merged"]))
+    return lines
+
+
 def print_verification(report):
+    heldout = report["heldout"]
+    print(f"merged into the {report['merged_into']}: {report['merge_choice']}")
+    print(f"held-out loss on {heldout['rows']} {heldout['rows_from']} rows ({heldout['tokens']} tokens, loss on "
+          f"{heldout['loss_on']}, compute in {report['compute_dtype']}):")  # fmt: skip
+    for what, loss in report["heldout_losses"]:
+        print(f"  {what:<62} {loss:.4f}")
     print(
         f"merged vs base + adapter on {report['rows']} rows: largest logit difference "
-        f"{report['max_abs_logit_diff']:.4g}, mean KL {report['mean_kl']:.3g} (limit {report['max_kl']}), loss "
-        f"{report['loss_merged']:.4f} vs {report['loss_unmerged']:.4f}; the adapter on the 4-bit base: loss "
-        f"{report['loss_4bit_adapter']:.4f}, mean KL to the merged model {report['mean_kl_to_4bit_adapter']:.3g}"
+        f"{report['max_abs_logit_diff']:.4g}, mean KL {report['mean_kl']:.3g} (limit {report['max_kl']}); mean KL "
+        f"to the adapter on the 4-bit base {report['mean_kl_to_4bit_adapter']:.3g}"
     )
     sample = report["sample"]
     if sample["merged_answer"] is not None:  # sample_max_new_tokens 0 asks for none
-        print(f"{sample['prompt']}\nfinetune.py (adapter, 4-bit base) >>> {sample['finetune_answer']}")
-        print(f"merged model                     >>> {sample['merged_answer']}")
+        print(f"{sample['prompt']}\nthe adapter on the 4-bit base >>> {sample['adapter_answer']}")
+        print(f"the merged model              >>> {sample['merged_answer']}")
+
+
+def verification_problems(report, settings):
+    """What stops the push: a merged model that is not base + the adapter, or is worse than the base model."""
+    problems = []
+    if report["mean_kl"] > settings.verify_max_kl:  # today's limit, also for a report of an earlier run
+        problems.append(
+            f"the merged model in '{settings.merged_dir}' does not behave like base + the adapter in "
+            f"'{settings.new_model}': mean KL {report['mean_kl']:.3g} > verify_max_kl {settings.verify_max_kl}"
+        )
+    if not report["beats_base"]:
+        heldout = report["heldout"]
+        problems.append(
+            f"the merged model's held-out loss is {report['loss_merged']:.4f}, above the base model's "
+            f"{report['loss_base']:.4f} ({heldout['rows']} {heldout['rows_from']} rows): it is worse than the model "
+            "you started from"
+        )
+    return problems
 
 
 def check_verification(report, settings):
-    """Refuses to go on (and so to push) when the merged model is not the adapter, unless push_unverified says so."""
-    if report["mean_kl"] <= settings.verify_max_kl:  # today's limit, also for a report of an earlier run
+    """Refuses to go on (and so to push) when the merged model is not the adapter or is worse than the base model,
+    unless push_unverified says so."""
+    problems = verification_problems(report, settings)
+    if not problems:
         return
-    problem = (
-        f"the merged model in '{settings.merged_dir}' does not behave like base + the adapter in "
-        f"'{settings.new_model}': mean KL {report['mean_kl']:.3g} > verify_max_kl {settings.verify_max_kl} "
-        f"(numbers in {os.path.join(settings.merged_dir, VERIFICATION)})"
-    )
+    problem = f"{'; '.join(problems)} (numbers in {os.path.join(settings.merged_dir, VERIFICATION)})"
     if not settings.push_unverified:
-        raise UserError(f"{problem}. Nothing was pushed. Merge again, or pass --push_unverified to push it anyway")
+        raise UserError(
+            f"{problem}. Nothing was pushed. Train again (more steps, another learning rate), merge again, or pass "
+            "--push_unverified to push it anyway"
+        )
     print(f"WARNING: {problem}. --push_unverified is set: pushing it anyway.", file=sys.stderr)
 
 
@@ -539,21 +656,33 @@ def main(argv=None):
     settings.gguf_types = gguf_export.requested_types(settings.gguf)
     settings.gguf_make = gguf_export.check_gguf_request(settings, tokenizer) if settings.gguf_types else []
 
-    if merged_dir_is_current(settings, source):
+    rows, heldout = scoring_rows(settings, train_settings, tokenizer)
+
+    merged_into = merged_dir_is_current(settings, source)
+    if merged_into:
         print(f"{settings.merged_dir} is a complete merge of this adapter: using it, not merging again")
+        merge = {"base": merged_into, "why": "the merge saved by an earlier run", "measured": None}
     else:
         check_disk_space(settings, config)
-        model = merge_adapter(settings, train_settings)
+        merges = list(MERGE_BASES) if settings.merge_base == "auto" else [settings.merge_base]
+        measured = measure_merges(settings, train_settings, rows, merges)
+        base, why = choose_merge(settings, measured)
+        print(f"merging into the {MERGE_BASES[base]}")
+        merge = {"base": base, "why": why, "measured": measured}
+        model = merge_adapter(settings, train_settings, base)  # merged again: only one model is kept in memory
         align_special_tokens(model, tokenizer)
-        save_merged(model, tokenizer, settings.merged_dir, source)
+        save_merged(model, tokenizer, settings.merged_dir, {**source, "merge_base": base})
         del model  # verification loads the saved folder back, as the Hub will serve it
 
-    report = read_verification(settings) or verify_merged(settings, info, train_settings, tokenizer)
+    report = read_verification(settings)
+    if report is None:
+        merge["measured"] = merge["measured"] or measure_merges(settings, train_settings, rows, [])
+        report = verify_merged(settings, info, train_settings, tokenizer, rows, {**merge, "heldout": heldout})
     print_verification(report)
     write_merged_card(settings, info, report, tokenizer)
     check_verification(report, settings)
     if settings.gguf_make:  # GGUF export (gguf_export.py): convert, check against the merged folder, Modelfile, card
-        rows_ids = verification_ids(train_settings, tokenizer, settings.verify_rows)
+        rows_ids = [ids for ids, _ in rows[: settings.verify_rows]]  # the rows the merged folder was checked on
         gguf_report = gguf_export.export_gguf(settings, info, train_settings, tokenizer, source, rows_ids)
         gguf_export.check_gguf_verification(gguf_report, settings)
 

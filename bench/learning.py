@@ -11,7 +11,10 @@ that compute the same function). Same rows, same epoch, so the same tokens: the 
     python3 bench/learning.py --out bench/results --learning_rates 1e-3,1.5e-3,1.6e-3   # CPU, about 20 minutes
 
 It writes learning.json: the tutorial's run, the recipe's (its learning rate, 2e-3), and the recipe at each of the
-other learning rates, which shows how its learning depends on that one setting.
+other learning rates, which shows how its learning depends on that one setting; and learning_base.json: the same
+losses of the model before training (the 4-bit base, as finetune.py loads it), which `--base_only` measures alone:
+
+    python3 bench/learning.py --out bench/results --base_only   # about a minute
 """
 
 import argparse
@@ -64,12 +67,25 @@ def train_and_measure(name, recipe, base, tokenizer, rows, train, heldout, work)
     return result
 
 
+def measure_base(base, tokenizer, train, heldout):
+    """The losses of the model every run starts from: the base loaded in 4 bits by finetune.py's own code (the LoRA
+    adapter starts at zero, so this is each run's model at step 0)."""
+    settings = finetune.parse_settings(finetune.Settings, ["--model_name", base])
+    compute_dtype, _ = finetune.pick_precision(settings.precision)
+    model = finetune.load_base_model(settings, finetune.make_bnb_config(settings, compute_dtype), {"": "cpu"})
+    result = {"optimizer_steps": 0, "train_rows_loss": smollm2.heldout_loss(model, tokenizer, train),
+              "heldout_loss": smollm2.heldout_loss(model, tokenizer, heldout)}  # fmt: skip
+    print("base", json.dumps(result), flush=True)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", default="/tmp/learning")
     parser.add_argument("--rows", type=int, default=230, help="training rows (the demo has 230)")
     parser.add_argument("--learning_rates", default="", help="comma-separated: the recipe again with each of these")
+    parser.add_argument("--base_only", action="store_true", help="measure the model before training, and stop")
     args = parser.parse_args()
     recipes = dict(RECIPES)
     recipe = RECIPES["large, less its GPU kernels"]
@@ -79,10 +95,14 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(base)
     train, heldout = smollm2.split_pairs(smollm2.qa_pairs())
     train = train[: args.rows]  # a 2-core CPU trains the tutorial's batch 1 at about a second a row
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "learning_base.json"), "w") as f:
+        json.dump(measure_base(base, tokenizer, train, heldout), f, indent=1)
+    if args.base_only:
+        return
     rows = smollm2.write_rows(os.path.join(args.work, "train.jsonl"), [smollm2.messages_row(q, a) for q, a in train])
     results = {name: train_and_measure(name, recipe, base, tokenizer, rows, train, heldout, args.work)
                for name, recipe in recipes.items()}  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "learning.json"), "w") as f:
         json.dump(results, f, indent=1)
 

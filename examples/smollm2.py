@@ -183,11 +183,15 @@ CPU_RUN_OVERRIDES = [
     # finetune.py's own sample answer (to a held-out question, given below), kept short: this module measures the
     # answers itself. Not 0, which finetune.py takes as "no sample answer" but merge_and_push.py's check does not
     "--sample_max_new_tokens", "16",
-    "--eval_fraction", "0",  # the held-out rows are split off here, before finetune.py sees the data
     # The loss on the whole conversation, as examples/smollm2_results.md was measured. `--loss_on auto` now trains on
     # the answers alone with SmolLM2's template too; dropping this needs the demo run again for its figures
     "--loss_on", "all",
 ]  # fmt: skip
+
+
+def alpaca_row(question, answer):
+    """The same pair in Alpaca's columns, which finetune.py renders as the same one-question chat."""
+    return {"instruction": question, "output": answer}
 
 
 def write_rows(path, rows):
@@ -209,9 +213,13 @@ def run_experiment(base, workdir, learning_rate, merge=True):
     tokenizer = AutoTokenizer.from_pretrained(base)
     train, heldout = split_pairs(qa_pairs())
     rows_file = write_rows(workdir / "train.jsonl", [messages_row(q, a) for q, a in train])
+    # The held-out rows are split off here and given as finetune.py's eval set: it measures them before and after
+    # training, and merge_and_push.py measures its merges on them, with the trainer's loss mask
+    heldout_file = write_rows(workdir / "heldout.jsonl", [messages_row(q, a) for q, a in heldout])
     adapter = workdir / "adapter"
-    argv = ["--model_name", base, "--dataset_name", rows_file, "--output_dir", str(workdir / "results"),
-            "--new_model", str(adapter), "--learning_rate", str(learning_rate), *CPU_RUN_OVERRIDES,
+    argv = ["--model_name", base, "--dataset_name", rows_file, "--eval_dataset", heldout_file,
+            "--output_dir", str(workdir / "results"), "--new_model", str(adapter),
+            "--learning_rate", str(learning_rate), *CPU_RUN_OVERRIDES,
             "--sample_prompt", shown_questions(heldout)[0]]  # fmt: skip
     started = time.time()
     trainer = finetune.main(argv)
@@ -233,4 +241,17 @@ def run_experiment(base, workdir, learning_rate, merge=True):
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
         result["merged"] = heldout_loss(merged, AutoTokenizer.from_pretrained(merged_dir), heldout)
         result["merged_dir"] = merged_dir
+        result["verification"] = json.loads((merged_dir / merge_and_push.VERIFICATION).read_text())
     return result
+
+
+if __name__ == "__main__":
+    # python -m examples.smollm2 FOLDER: the model converted to FOLDER/base, and the rows in Alpaca's columns as
+    # FOLDER/train.jsonl and FOLDER/heldout.jsonl, for finetune.py's --dataset_name and --eval_dataset (README)
+    import sys
+
+    folder = Path(sys.argv[1])
+    print(convert_to_safetensors(str(folder / "base")))
+    train, heldout = split_pairs(qa_pairs())
+    for name, pairs in (("train", train), ("heldout", heldout)):
+        print(write_rows(folder / f"{name}.jsonl", [alpaca_row(q, a) for q, a in pairs]))

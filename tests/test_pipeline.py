@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,11 +13,12 @@ from huggingface_hub import RepoUrl
 import torch
 from conftest import ROOT, tiny_run_args, write_jsonl
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
 import merge_and_push
+from common import UserError
 
 FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
 
@@ -35,6 +37,28 @@ def test_base_layers_are_bitsandbytes_4bit_nf4(trained):
     layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers, "no bitsandbytes Linear4bit layer in the trained model"
     assert {layer.weight.quant_type for layer in layers} == {"nf4"}
+
+
+def test_eval_forward_and_state_dict_leave_the_4bit_model_as_it_was(tiny_model):
+    """On a CPU with AVX512-BF16 (the project's machine), bitsandbytes 0.50.2 repacks the 4-bit weights on an
+    eval-mode forward and the next state_dict() unpacks them with their scales scrambled: without
+    finetune.keep_4bit_weights_as_loaded the loss below changes (4.67200 to 4.67158 on this tiny model; 2.34 to 15.8
+    mid-run on SmolLM2 in issue 13). On a CPU without AVX512-BF16 bitsandbytes never repacks: this passes either way."""
+    settings = finetune.parse_settings(finetune.Settings, ["--model_name", tiny_model])
+    model = finetune.load_base_model(settings, finetune.make_bnb_config(settings, torch.float32), {"": "cpu"})
+    ids = torch.tensor([list(range(3, 60))])
+
+    def training_mode_loss():
+        model.train()
+        with torch.no_grad():
+            return model(ids, labels=ids).loss.item()
+
+    before = training_mode_loss()
+    model.eval()
+    with torch.no_grad():
+        model(ids)  # what the trainer's eval and the sample answer do
+    model.state_dict()  # what every checkpoint and the adapter's save do
+    assert training_mode_loss() == before
 
 
 def test_command_line_overrides_reach_the_trainer(trained):
@@ -134,6 +158,35 @@ def test_push_uploads_the_merged_folder_without_printing_the_token(merged, train
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
     out = capsys.readouterr()
     assert FAKE_TOKEN not in out.out + out.err
+
+
+def test_merged_model_worse_than_the_base_is_not_pushed_unasked(trained, tiny_model, tmp_path, monkeypatch, capsys):
+    """An adapter that hurts (its LoRA B weights flipped and scaled by 5, as a run gone wrong might leave them): the
+    merge equals base + adapter, so only the held-out loss against the base model's can stop it."""
+    _, workdir = trained
+    adapter = shutil.copytree(workdir / "adapter", tmp_path / "adapter")
+    weights = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: -5 * w if "lora_B" in k else w for k, w in weights.items()}, adapter / "adapter_model.safetensors")
+    uploads = []
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    hub = "https://huggingface.co"
+    monkeypatch.setattr(merge_and_push.HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"{hub}/{repo_id}"))
+    monkeypatch.setattr(merge_and_push.HfApi, "upload_folder", lambda self, **kwargs: uploads.append(kwargs))
+    args = ["--model_name", tiny_model, "--new_model", str(adapter), "--merged_dir", str(tmp_path / "merged"),
+            "--hub_repo", "someone/tiny"]  # fmt: skip
+
+    with pytest.raises(UserError) as refused:
+        merge_and_push.main(args)
+    report = json.loads((tmp_path / "merged" / merge_and_push.VERIFICATION).read_text())
+    assert report["passed"] and not report["beats_base"] and report["loss_merged"] > report["loss_base"]
+    line = str(refused.value)
+    assert "\n" not in line and "Nothing was pushed" in line and "--push_unverified" in line
+    assert f"{report['loss_merged']:.4f}, above the base model's {report['loss_base']:.4f}" in line
+    assert not uploads
+
+    merge_and_push.main([*args, "--push_unverified"])  # the merged folder is reused, and pushed with a warning
+    assert len(uploads) == 1 and "WARNING" in capsys.readouterr().err
+    assert "FAILED" in (tmp_path / "merged" / "README.md").read_text()
 
 
 def run_script(script, *args, env=None):

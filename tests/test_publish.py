@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_run_args, tutorial_rows, write_jsonl
 from huggingface_hub import ModelCard
 from PIL import Image
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import card
@@ -109,19 +110,58 @@ def test_chat_template_renders_the_training_format(published):
 def test_right_adapter_passes_verification(published):
     _, workdir = published
     report = json.loads((workdir / "adapter-merged" / merge_and_push.VERIFICATION).read_text())
-    assert report["passed"] is True and report["merge_base"] == "nf4"
+    assert report["passed"] is True and report["beats_base"] is True
     assert report["rows"] == 5  # the held-out rows: 5% of the 100, fewer than verify_rows=8
+    assert report["heldout"] == {"rows_from": "held-out", "rows": 5, "tokens": 75, "loss_on": "all"}
     assert report["mean_kl"] < 1e-5 and report["max_abs_logit_diff"] < 1e-2
     assert report["loss_merged"] == pytest.approx(report["loss_unmerged"], abs=1e-3)
-    # merged into the dequantized NF4 weights, it is the adapter as trained on the 4-bit base
-    assert report["loss_merged"] == pytest.approx(report["loss_4bit_adapter"], abs=5e-3)
-    assert report["sample"]["finetune_answer"] == json.loads(
-        (workdir / "adapter" / finetune.TRAINING_INFO).read_text()
-    )["sample"]["answer"]
+    assert report["loss_merged"] < report["loss_base"]
+
+
+def test_auto_publishes_the_merge_of_the_lower_heldout_loss_and_says_why(published):
+    """Both merges measured in memory; the one saved is the lower, and its folder, loaded back, scores the same."""
+    _, workdir = published
+    report = json.loads((workdir / "adapter-merged" / merge_and_push.VERIFICATION).read_text())
+    merged = {base: report["merges"][base]["loss_merged"] for base in merge_and_push.MERGE_BASES}
+    chosen, other = sorted(merged, key=merged.get)
+    assert report["merge_base"] == chosen and merged[chosen] < merged[other]
+    assert report["loss_merged"] == pytest.approx(merged[chosen], rel=1e-5)
+    assert f"{merged[chosen]:.4f}" in report["merge_choice"] and f"{merged[other]:.4f}" in report["merge_choice"]
+    source = json.loads((workdir / "adapter-merged" / merge_and_push.MERGE_SOURCE_FILE).read_text())
+    assert source["merge_base"] == chosen
+    assert report["loss_base"] == report["merges"]["fp16"]["loss_base"]  # the original weights, adapter off
+
+
+def test_a_merged_folder_of_the_other_merge_is_not_reused_for_a_forced_one(published, base):
+    _, workdir = published
+    merged_into = json.loads((workdir / "adapter-merged" / merge_and_push.MERGE_SOURCE_FILE).read_text())["merge_base"]
+    other = next(name for name in merge_and_push.MERGE_BASES if name != merged_into)
+    with pytest.raises(UserError, match=f"not the {other} merge: pass --overwrite_merged"):
+        merge_and_push.main(["--model_name", base, "--new_model", str(workdir / "adapter"), "--no_push",
+                             "--merge_base", other])  # fmt: skip
+
+
+def test_finetune_measures_the_heldout_loss_before_and_after_as_the_trainers_eval_does(published):
+    """The same rows, rendering and loss mask: the trainer's own eval loss of its eval rows (one batch of 5), with
+    the adapter off (the base, before training) and on (after)."""
+    trainer, workdir = published
+    heldout = json.loads((workdir / "adapter" / finetune.TRAINING_INFO).read_text())["heldout_loss"]
+
+    def trainer_eval_loss():  # evaluation_loop, not evaluate(): nothing is added to the log history
+        return trainer.evaluation_loop(trainer.get_eval_dataloader(), "eval").metrics["eval_loss"]
+
+    assert heldout["rows"] == 5 and heldout["loss_on"] == "all"
+    assert heldout["after_training"] == pytest.approx(trainer_eval_loss(), rel=1e-5)
+    with trainer.model.disable_adapter():
+        assert heldout["before_training"] == pytest.approx(trainer_eval_loss(), rel=1e-5)
+    report = json.loads((workdir / "adapter-merged" / merge_and_push.VERIFICATION).read_text())
+    assert report["finetune"] == heldout
+    assert report["loss_4bit_adapter"] == pytest.approx(heldout["after_training"], rel=1e-3)
 
 
 def test_nf4_merge_stays_closer_to_the_trained_adapter_than_fp16(published, base, capsys):
-    """The measurement behind merge_base's default (README quotes what this prints)."""
+    """The tiny model's measurement of the two merges (README quotes what this prints); --merge_base fp16 forces the
+    fp16 merge, which is then the only one made."""
     _, workdir = published
     merge_and_push.main(["--model_name", base, "--new_model", str(workdir / "adapter"), "--no_push",
                          "--merge_base", "fp16", "--merged_dir", str(workdir / "merged-fp16")])  # fmt: skip
@@ -135,6 +175,7 @@ def test_nf4_merge_stays_closer_to_the_trained_adapter_than_fp16(published, base
                   f"{r['loss_4bit_adapter']:.4f}, KL merged vs 4-bit adapter {r['mean_kl_to_4bit_adapter']:.3g}, "
                   f"KL merged vs base+adapter {r['mean_kl']:.3g}")  # fmt: skip
     assert reports["fp16"]["passed"], "the fp16 merge equals fp16 base + adapter too"
+    assert reports["fp16"]["merge_base"] == "fp16" and "loss_merged" not in reports["fp16"]["merges"].get("nf4", {})
     nf4_gap = abs(reports["nf4"]["loss_merged"] - reports["nf4"]["loss_4bit_adapter"])
     fp16_gap = abs(reports["fp16"]["loss_merged"] - reports["fp16"]["loss_4bit_adapter"])
     assert reports["nf4"]["mean_kl_to_4bit_adapter"] < reports["fp16"]["mean_kl_to_4bit_adapter"]
@@ -161,7 +202,11 @@ def verify(base, merged_dir, adapter, *extra):
     )  # fmt: skip
     info, train_settings = merge_and_push.read_training_info(settings.new_model)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    return settings, merge_and_push.verify_merged(settings, info, train_settings, tokenizer)
+    rows, heldout = merge_and_push.scoring_rows(settings, train_settings, tokenizer)
+    merge = {"base": json.loads((merged_dir / merge_and_push.MERGE_SOURCE_FILE).read_text())["merge_base"],
+             "why": "the folder's", "heldout": heldout,
+             "measured": merge_and_push.measure_merges(settings, train_settings, rows, [])}  # fmt: skip
+    return settings, merge_and_push.verify_merged(settings, info, train_settings, tokenizer, rows, merge)
 
 
 def test_merged_folder_of_another_adapter_is_caught(published, wrong_adapter, base, tmp_path, capsys):
@@ -212,11 +257,38 @@ def test_model_card_parses_and_holds_the_fields(published, base):
     assert f"Final train loss (last logged step): {info['final_train_loss']:.4g}" in text
     assert f"| {report['mean_kl']:.4g} (limit 0.01) |" in text
     assert f"| {report['max_abs_logit_diff']:.4g} |" in text
+    for what, loss in report["heldout_losses"]:
+        assert f"| {what} | {loss:.4g} |" in text
     assert f"![training loss]({card.LOSS_PLOT})" in text
     assert repr(f"<s>[INST] {info['settings']['sample_prompt']} [/INST]") in text
     with Image.open(merged / card.LOSS_PLOT) as image:
         assert image.format == "PNG" and image.size[0] > 100
         image.verify()
+
+
+def test_sample_answers_shown_are_the_models_own(published, base, tmp_path, capsys):
+    """The card's answer is the merged folder's; the adapter's answer printed beside it is the 4-bit base + adapter's,
+    made on the checked path, never the one training_info.json holds (on the CPU bug's path it was noise)."""
+    _, workdir = published
+    adapter = shutil.copytree(workdir / "adapter", tmp_path / "adapter")
+    info = json.loads((adapter / finetune.TRAINING_INFO).read_text())
+    info["sample"]["answer"] = "Sufi called Sufi Sufiress"
+    (adapter / finetune.TRAINING_INFO).write_text(json.dumps(info))
+    merged = tmp_path / "merged"
+    merge_and_push.main(["--model_name", base, "--new_model", str(adapter), "--merged_dir", str(merged), "--no_push",
+                         "--merge_base", "nf4"])  # fmt: skip
+    out = capsys.readouterr().out
+    card_text = (merged / "README.md").read_text()
+    assert "Sufi" not in out and "Sufi" not in card_text
+
+    prompt, budget = info["settings"]["sample_prompt"], info["settings"]["sample_max_new_tokens"]
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    merged_answer = finetune.sample_answer(AutoModelForCausalLM.from_pretrained(merged), tokenizer, prompt, budget)
+    assert f"the merged model              >>> {merged_answer}\n" in out and repr(merged_answer) in card_text
+    train_settings = merge_and_push.read_training_info(str(adapter))[1]
+    trained = PeftModel.from_pretrained(merge_and_push.load_4bit_base(train_settings), adapter)
+    adapter_answer = finetune.sample_answer(trained, tokenizer, prompt, budget)
+    assert f"the adapter on the 4-bit base >>> {adapter_answer}\n" in out
 
 
 def test_card_names_a_hub_dataset():
@@ -286,4 +358,4 @@ def test_push_sends_the_card_and_the_adapter_to_their_repos(published, base, tmp
     assert "someone/tiny" in adapter_card.text and "AutoPeftModelForCausalLM" in adapter_card.text
     out = capsys.readouterr()
     assert FAKE_TOKEN not in out.out + out.err
-    assert "finetune.py (adapter, 4-bit base) >>>" in out.out and "merged model" in out.out
+    assert "the adapter on the 4-bit base >>>" in out.out and "the merged model              >>>" in out.out

@@ -9,6 +9,7 @@ import bitsandbytes as bnb
 import pytest
 from transformers import AutoTokenizer
 
+import merge_and_push
 from examples import smollm2
 
 pytestmark = pytest.mark.slow
@@ -65,6 +66,17 @@ def test_finetuning_lowers_the_heldout_loss_by_a_clear_margin(run):
 
 def test_merged_model_keeps_the_adapters_loss(run):
     assert abs(run["merged"] - run["after"]) <= MERGE_TOLERANCE * run["after"], (run["after"], run["merged"])
+
+
+def test_the_published_merge_is_the_better_one_and_beats_the_base(run):
+    """merge_and_push.py's own numbers, on the held-out rows with the trainer's loss mask (the whole conversation:
+    SmolLM2's template has no answer marks): both merges measured, the lower saved, and it beats the base model."""
+    report = run["verification"]
+    merged = {base: report["merges"][base]["loss_merged"] for base in merge_and_push.MERGE_BASES}
+    assert report["merge_base"] == min(merged, key=merged.get), merged
+    assert report["passed"] and report["beats_base"], (report["loss_merged"], report["loss_base"])
+    before_after = report["finetune"]
+    assert before_after["rows"] == 40 and before_after["after_training"] < before_after["before_training"]
 
 
 def test_heldout_answers_take_the_trained_form_and_stop_at_end_of_turn(run):
