@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import logging
 import math
 import os
 import signal
@@ -29,21 +28,9 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 
-def interrupted_while_loading(signum, frame):
-    print("interrupted (Ctrl-C) while loading the libraries: nothing was started", file=sys.stderr)
-    sys.exit(130)
+import startup
 
-
-# Ctrl-C during the imports below (seconds of torch, transformers, trl): one line, not a traceback. run_cli takes
-# Ctrl-C over once they are done.
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, interrupted_while_loading)
-
-# Only what the user needs to read: bitsandbytes warns at every start on a CPU with AVX512-BF16 that an optional
-# kernel from the Hub (the `kernels` package) is missing, and huggingface_hub logs each of its 5 retries of an
-# unreachable Hub before the one error line. Their own loggers, raised to errors, say neither.
-for logger_name in ("bitsandbytes.backends.cpu.ops", "huggingface_hub.utils._http"):
-    logging.getLogger(logger_name).setLevel(logging.ERROR)
+startup.before_the_imports(as_script=__name__ == "__main__")  # Ctrl-C while loading, and the libraries' noise
 
 # Before torch starts CUDA: the allocator grows its memory segments in place instead of reserving new blocks for each
 # new size, so little more is reserved than is in use (bench/RESULTS.md). A setting of the user's own is kept.
@@ -84,8 +71,7 @@ from common import (
     write_json_whole,
 )
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+startup.after_the_imports(as_script=__name__ == "__main__")
 
 
 @dataclass

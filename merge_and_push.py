@@ -15,30 +15,16 @@ model card (README.md, training_loss.png), and only then uploaded.
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
-import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import startup
 
-def interrupted_while_loading(signum, frame):
-    print("interrupted (Ctrl-C) while loading the libraries: nothing was started", file=sys.stderr)
-    sys.exit(130)
-
-
-# Ctrl-C during the imports below: one line, not a traceback (run_cli takes it over once they are done)
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, interrupted_while_loading)
-
-# Only what the user needs to read: bitsandbytes warns at every start on a CPU with AVX512-BF16 that an optional
-# kernel from the Hub (the `kernels` package) is missing, and huggingface_hub logs each of its 5 retries of an
-# unreachable Hub before the one error line. Their own loggers, raised to errors, say neither.
-for logger_name in ("bitsandbytes.backends.cpu.ops", "huggingface_hub.utils._http"):
-    logging.getLogger(logger_name).setLevel(logging.ERROR)
+startup.before_the_imports(as_script=__name__ == "__main__")  # Ctrl-C while loading, and the libraries' noise
 
 import httpx2  # huggingface_hub's HTTP client: its connection errors are not OSErrors
 import torch
@@ -69,8 +55,7 @@ from common import (
     write_json_whole,
 )
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+startup.after_the_imports(as_script=__name__ == "__main__")
 
 # Written last into the merged folder: which adapter it was merged from. A folder that has it, with today's adapter,
 # is complete and current: a rerun (after a failed upload) pushes it as it is.
