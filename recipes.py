@@ -211,17 +211,22 @@ def recipe_batch(max_length):
     return max(1, min(BATCH, TOKENS_PER_STEP // max_length))
 
 
+def mode_settings(name, batch):
+    """What the memory mode `name` sets, at this batch, with the kernels every mode shares."""
+    return {**KERNELS, "per_device_train_batch_size": batch, **MEMORY_MODES[name]}
+
+
 def candidates(settings, chosen):
     """(name, the settings it sets), fastest first: each memory mode that keeps the checkpointing settings the user
     chose, then offloading at smaller batches (a card too small for a full step: the old `8gb` recipe ran batch 6),
     then the tutorial's settings as written."""
     batch = recipe_batch(settings.max_length)
-    out = [(name, {**KERNELS, "per_device_train_batch_size": batch, **mode})
+    out = [(name, mode_settings(name, batch))
            for name, mode in MEMORY_MODES.items() if not against(mode, settings, chosen)]  # fmt: skip
     if not against(MEMORY_MODES["offload"], settings, chosen):
         while batch > 1:
             batch //= 2
-            out.append(("offload", {**KERNELS, "per_device_train_batch_size": batch, **MEMORY_MODES["offload"]}))
+            out.append(("offload", mode_settings("offload", batch)))
     return out + [("tutorial", {})]
 
 
@@ -254,6 +259,11 @@ def pick(settings, chosen, config):
     check_liger_is_installed(settings)
     if settings.gpu_recipe == "tutorial" or (settings.gpu_recipe == "auto" and not runs_the_recipes()):
         return dataclasses.replace(settings, gpu_recipe="tutorial"), Choice("tutorial", {})
+    if not torch.cuda.is_available():  # a memory mode named: its kernels (flex attention, Liger) run on a GPU
+        raise UserError(
+            f"--gpu_recipe {settings.gpu_recipe} is a GPU memory mode and no CUDA GPU was found: use --gpu_recipe auto "
+            "or tutorial"
+        )
     try:
         counts = layer_counts(config)
         model_shape(config, settings.lora_r, settings.lora_target_modules, counts)
@@ -265,8 +275,7 @@ def pick(settings, chosen, config):
     if settings.gpu_recipe == "auto":
         options = candidates(settings, chosen)
     else:
-        options = [(settings.gpu_recipe, {**KERNELS, "per_device_train_batch_size": recipe_batch(settings.max_length),
-                                          **MEMORY_MODES[settings.gpu_recipe]})]  # fmt: skip
+        options = [(settings.gpu_recipe, mode_settings(settings.gpu_recipe, recipe_batch(settings.max_length)))]
     tried = []
     for name, values in options:
         candidate, changes = applied(settings, values, chosen)

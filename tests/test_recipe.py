@@ -200,6 +200,12 @@ def test_a_small_card_offloads_at_a_smaller_batch_then_keeps_the_tutorials_setti
     assert choice.name == "tutorial" and not choice.changes and not settings.packing
 
 
+def test_a_memory_mode_named_without_a_gpu_is_one_line(monkeypatch):
+    monkeypatch.setattr(recipes, "is_liger_kernel_available", lambda: True)  # so the GPU is what is missing
+    with pytest.raises(common.UserError, match="--gpu_recipe offload is a GPU memory mode and no CUDA GPU was found"):
+        pick(["--gpu_recipe", "offload"])
+
+
 def test_a_model_whose_sizes_the_memory_model_cannot_read_keeps_the_settings_as_written(monkeypatch, capsys):
     """GPT-2's config names no intermediate size: one line, and the tutorial's settings, not a traceback."""
     from transformers import GPT2Config
