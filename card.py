@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-from data import FILE_FORMATS
+from data import is_local
 
 LOSS_PLOT = "training_loss.png"
 TAGS = ["qlora", "lora", "peft", "trl", "sft"]
@@ -46,12 +46,10 @@ def base_model_license(model_name):
 
 def hub_dataset(dataset_name):
     """The data set's Hub id, or None for a local file (the Hub's `datasets` field only takes Hub ids)."""
-    local = os.path.splitext(dataset_name)[1].lower() in FILE_FORMATS or os.path.exists(dataset_name)
-    return None if local else dataset_name
+    return None if is_local(dataset_name) else dataset_name
 
 
-def card_data(info, library_name):
-    settings = info["settings"]
+def card_data(settings, library_name):
     dataset = hub_dataset(settings["dataset_name"])
     return ModelCardData(
         base_model=settings["model_name"],
@@ -116,17 +114,17 @@ def number(value, digits=4):
 
 
 def training_section(info, verification):
-    settings = info["settings"]
-    runtime = info["train_runtime_s"]
-    eval_loss = info["final_eval_loss"]
+    settings = info.settings
+    runtime = info.train_runtime_s
+    eval_loss = info.final_eval_loss
     return f"""## How it was trained
 
 QLoRA: the base model loaded in 4 bits ({settings["bnb_4bit_quant_type"]}), a LoRA adapter of rank {settings["lora_r"]}
 trained on it with trl's `SFTTrainer`, by this project's `finetune.py`.
 
-- Training time: {number(runtime)} s ({info["global_step"]} steps) on GPU: {info["gpu"]}
-- Tokens seen: {info["tokens_seen"] if info["tokens_seen"] is not None else "not logged"}
-- Final train loss (last logged step): {number(info["final_train_loss"])}
+- Training time: {number(runtime)} s ({info.global_step} steps) on GPU: {info.gpu}
+- Tokens seen: {info.tokens_seen if info.tokens_seen is not None else "not logged"}
+- Final train loss (last logged step): {number(info.final_train_loss)}
 - Final eval loss: {number(eval_loss) if eval_loss is not None else "no eval set was used"}
 
 ![training loss]({LOSS_PLOT})
@@ -137,7 +135,7 @@ Every setting of the run:
 
 Library versions:
 
-{table(info["versions"].items(), ("library", "version"))}
+{table(info.versions.items(), ("library", "version"))}
 
 ## Verification of the merge
 
@@ -148,44 +146,44 @@ Library versions:
 def verification_section(v):
     """The held-out losses (the base model's among them), the merged model against base + adapter, and the merged
     model's own sample answer: the published model's, from the folder that was checked."""
-    heldout = v["heldout"]
-    losses = "\n".join(f"| {what} | {number(loss)} |" for what, loss in v["heldout_losses"])
-    verdict = "passed" if v["passed"] and v["beats_base"] else "FAILED (published with --push_unverified)"
-    answer = v["sample"]["merged_answer"]
+    heldout = v.heldout
+    losses = "\n".join(f"| {what} | {number(loss)} |" for what, loss in v.heldout_losses)
+    verdict = "passed" if v.passed and v.beats_base else "FAILED (published with --push_unverified)"
+    answer = v.sample["merged_answer"]
     sample = "" if answer is None else f"""
-Sample answer of this merged model to {v["sample"]["prompt"]!r}, greedy, at most {v["sample"]["max_new_tokens"]} new
+Sample answer of this merged model to {v.sample["prompt"]!r}, greedy, at most {v.sample["max_new_tokens"]} new
 tokens: {answer!r}
 """
-    return f"""Merged into the base model's {v["merged_into"]}: {v["merge_choice"]}.
+    return f"""Merged into the base model's {v.merged_into}: {v.merge_choice}.
 
 Held-out loss (mean cross-entropy per loss-carrying token, loss on {heldout["loss_on"]}) on {heldout["rows"]}
-{heldout["rows_from"]} rows ({heldout["tokens"]} tokens), compute in {v["compute_dtype"]}:
+{heldout["rows_from"]} rows ({heldout["tokens"]} tokens), compute in {v.compute_dtype}:
 
 | model | held-out loss |
 | --- | --- |
 {losses}
 
-The merged model saved to disk, compared with the base model plus the unmerged adapter on {v["rows"]} of those rows
-({v["tokens"]} tokens):
+The merged model saved to disk, compared with the base model plus the unmerged adapter on {v.rows} of those rows
+({v.tokens} tokens):
 
 | measure | value |
 | --- | --- |
-| largest absolute logit difference, merged vs base + adapter | {number(v["max_abs_logit_diff"])} |
-| mean KL divergence per token, merged vs base + adapter | {number(v["mean_kl"])} (limit {v["max_kl"]}) |
-| mean KL divergence per token, merged vs the adapter on the 4-bit base | {number(v["mean_kl_to_4bit_adapter"])} |
-| lower held-out loss than the base model | {v["beats_base"]} |
+| largest absolute logit difference, merged vs base + adapter | {number(v.max_abs_logit_diff)} |
+| mean KL divergence per token, merged vs base + adapter | {number(v.mean_kl)} (limit {v.max_kl}) |
+| mean KL divergence per token, merged vs the adapter on the 4-bit base | {number(v.mean_kl_to_4bit_adapter)} |
+| lower held-out loss than the base model | {v.beats_base} |
 | verification | {verdict} |
 {sample}"""
 
 
 def merged_model_card(info, verification, repo_id, render):
     """render(question) is the prompt the model was trained with for that question (its chat template's)."""
-    settings = info["settings"]
+    settings = info.settings
     question, budget = settings["sample_prompt"], settings["sample_max_new_tokens"]
     body = f"""# {repo_id}
 
 `{settings["model_name"]}` fine-tuned with QLoRA on `{settings["dataset_name"]}`, with the LoRA adapter merged into the
-base model's {verification["merged_into"]}, saved in fp16.
+base model's {verification.merged_into}, saved in fp16.
 
 ## Usage
 
@@ -198,11 +196,11 @@ With the chat template:
 {chat_template_usage(repo_id, question, render(question), budget)}
 
 {training_section(info, verification)}"""
-    return ModelCard(f"---\n{card_data(info, 'transformers').to_yaml()}\n---\n\n{body}")
+    return ModelCard(f"---\n{card_data(info.settings, 'transformers').to_yaml()}\n---\n\n{body}")
 
 
 def adapter_model_card(info, verification, repo_id, merged_repo_id, render):
-    settings = info["settings"]
+    settings = info.settings
     question, budget = settings["sample_prompt"], settings["sample_max_new_tokens"]
     body = f"""# {repo_id}
 
@@ -216,4 +214,4 @@ Prompt it in the format it was trained on, `{render("question")}`:
 {adapter_usage(repo_id, render(question), budget)}
 
 {training_section(info, verification)}"""
-    return ModelCard(f"---\n{card_data(info, 'peft').to_yaml()}\n---\n\n{body}")
+    return ModelCard(f"---\n{card_data(info.settings, 'peft').to_yaml()}\n---\n\n{body}")

@@ -1,5 +1,6 @@
 """What finetune.py and merge_and_push.py share: the settings they both name, the command line, the tokenizer
-set-up, the choice of device, and the one-line error a user sees instead of a traceback."""
+set-up, the choice of device, the one-line error a user sees instead of a traceback, and the two records the scripts
+leave for each other and for the model card (training_info.json, verification.json), each defined once here."""
 
 import argparse
 import copy
@@ -13,6 +14,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import version
 
 import torch
 from accelerate import PartialState
@@ -248,3 +250,119 @@ def folder_written_whole(path, main_process=True):
         shutil.rmtree(old)
     else:
         os.rename(partial, path)
+
+
+# The records. training_info.json: what finetune.py leaves beside the adapter for merge_and_push.py and the card
+TRAINING_INFO = "training_info.json"
+LIBRARIES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "huggingface_hub"]
+
+
+@dataclass
+class TrainingInfo:
+    settings: dict  # every setting of the run (there is no token among them)
+    versions: dict  # of LIBRARIES
+    gpu: str
+    train_runtime_s: float | None
+    global_step: int
+    tokens_seen: int | None  # trl's running count; the trainer's own is off by default
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    log_history: list  # the trainer's
+    heldout_loss: dict | None  # heldout_summary(): the held-out loss before and after training
+    # the sample answer, kept for the record: merge_and_push.py asks the models it loads for their own
+    sample: dict
+
+
+def training_info(settings, trainer_state, answer, heldout):
+    """The TrainingInfo of a finished run: its settings, versions, GPU, and what the trainer logged."""
+    log_history = trainer_state.log_history
+
+    def last_logged(key):
+        return next((entry[key] for entry in reversed(log_history) if key in entry), None)
+
+    tokens_seen = last_logged("num_tokens")
+    return TrainingInfo(
+        settings=dataclasses.asdict(settings),
+        versions={name: version(name) for name in LIBRARIES},
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)",
+        train_runtime_s=last_logged("train_runtime"),
+        global_step=trainer_state.global_step,
+        tokens_seen=None if tokens_seen is None else int(tokens_seen),
+        final_train_loss=last_logged("loss"),
+        final_eval_loss=last_logged("eval_loss"),
+        log_history=log_history,
+        heldout_loss=heldout,
+        sample={"prompt": settings.sample_prompt, "answer": answer},
+    )
+
+
+def heldout_summary(rows, tokens, answers_only, before, after):
+    """What finetune.py measured on the held-out rows: TrainingInfo.heldout_loss, shown again by merge_and_push.py."""
+    loss_on = "answers" if answers_only else "all"
+    return {"rows": rows, "tokens": tokens, "loss_on": loss_on, "before_training": before, "after_training": after}
+
+
+def read_training_info(adapter_dir):
+    """The TrainingInfo finetune.py saved in adapter_dir; one line where it is missing or not whole."""
+    path = os.path.join(adapter_dir, TRAINING_INFO)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"'{adapter_dir}' has no {TRAINING_INFO}: it was not written by this project's finetune.py. "
+            "Check --new_model, or train the adapter again with finetune.py"
+        )
+    try:
+        with open(path) as f:
+            info = TrainingInfo(**json.load(f))
+        if not isinstance(info.settings, dict):
+            raise TypeError("its settings are no mapping")
+    except (ValueError, TypeError) as error:
+        raise UserError(f"'{path}' is not whole ({error}): train the adapter again with finetune.py") from None
+    return info
+
+
+# verification.json: what merge_and_push.py measured of the merged folder, read back by a rerun and by the cards
+VERIFICATION = "verification.json"
+
+
+@dataclass
+class Verification:
+    merge_base: str  # "nf4" or "fp16"
+    merged_into: str  # the same, in words
+    merge_choice: str  # why
+    compute_dtype: str
+    heldout: dict  # which rows: rows_from, rows, tokens, loss_on
+    loss_base: float  # the original weights: what the user started from
+    loss_merged: float  # the merged folder as saved, loaded back
+    loss_unmerged: float  # the merge's base + the adapter
+    loss_4bit_adapter: float  # the adapter on the 4-bit base it was trained on
+    merges: dict  # {base: {"loss_base", "loss_merged"}} of each merge measured in memory
+    finetune: dict | None  # finetune.py's own before and after (TrainingInfo.heldout_loss), on the same rows
+    rows: int  # the rows the logits are compared on
+    tokens: int
+    max_abs_logit_diff: float
+    mean_kl: float  # merged vs base + adapter
+    mean_kl_to_4bit_adapter: float
+    max_kl: float  # the limit mean_kl was held to
+    sample: dict  # prompt, max_new_tokens, merged_answer, adapter_answer
+    passed: bool  # mean_kl within max_kl
+    beats_base: bool  # loss_merged at most loss_base
+    heldout_losses: list  # (what, loss) of every model measured, the base first and the published model last
+    gguf: dict | None = None  # the GGUF files' own report (gguf_export.py), when --gguf made them
+
+
+def read_verification(folder):
+    """The Verification of an earlier run in folder (a rerun after a failed upload), or None: none there, or one an
+    earlier version wrote with other keys."""
+    path = os.path.join(folder, VERIFICATION)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            return Verification(**json.load(f))
+        except (TypeError, ValueError):
+            return None
+
+
+def write_record(folder, name, record):
+    """A TrainingInfo or Verification, as JSON, written whole."""
+    write_json_whole(os.path.join(folder, name), dataclasses.asdict(record))

@@ -27,6 +27,8 @@ FILE_FORMATS = {
     ".tsv": ("csv", {"delimiter": "\t"}),
     ".parquet": ("parquet", {}),
 }
+# The values of --loss_on: see answers_only_for
+LOSS_ON = ["auto", "answers", "all"]
 
 # Meta's Llama-2-chat template (the format of the tutorial's rows: `<s>[INST] <<SYS>>\n...\n<</SYS>>\n\nq [/INST] a </s>`),
 # with `{% generation %}` marks around each answer so trl's assistant_only_loss knows which tokens carry loss;
@@ -104,9 +106,15 @@ class PreparedData:
 
 
 # Sources
+def is_local(name):
+    """A data set name that means a local file or folder, not a Hub id: one that exists here, or names a file by its
+    extension (a missing one is then reported as a missing file, not looked up on the Hub)."""
+    return os.path.exists(name) or os.path.splitext(name)[1].lower() in FILE_FORMATS
+
+
 def load_source(name, config="", split="train"):
     """A local file or folder (format from the extension), or a Hub data set id with an optional config and split."""
-    if os.path.isdir(name) or os.path.splitext(name)[1].lower() in FILE_FORMATS:
+    if is_local(name):
         if split != "train":
             raise UserError(
                 f"--dataset_split '{split}' only applies to Hub data sets: a local file or folder is one split; "
@@ -127,7 +135,10 @@ def load_source(name, config="", split="train"):
 def data_files(path):
     """The data files of a file or folder (sorted, recursively), all of one format: (files, extension)."""
     if os.path.isfile(path):
-        return [path], os.path.splitext(path)[1].lower()
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in FILE_FORMATS:
+            raise UserError(f"'{path}' is not a .jsonl, .json, .csv, .tsv or .parquet file: convert it to one of these")
+        return [path], extension
     if not os.path.isdir(path):
         raise UserError(f"data set file '{path}' not found: check --dataset_name")
     files = sorted(
@@ -207,7 +218,7 @@ def row_places(name, rows):
     """Where each row comes from, for messages: 'rows.jsonl line 7' (a .jsonl or .csv file), 'rows.json record 3',
     'row 3' (parquet, Hub data sets). Falls back to 'row N' where the file's records cannot be lined up."""
     fallback = [f"row {i + 1}" for i in range(len(rows))]
-    if not (os.path.isdir(name) or os.path.isfile(name)):
+    if not is_local(name):
         return fallback
     places = []
     for file in data_files(name)[0]:
@@ -496,11 +507,17 @@ def renders_like_llama2(tokenizer):
         return False
 
 
-def prompt_inputs(tokenizer, question, return_tensors="pt"):
-    """A user turn rendered the way training rows are, ready for generate(): input_ids and attention_mask."""
+def prompt_text(tokenizer, question):
+    """A user turn rendered the way training rows are, up to the opening of the answer: the prompt's text."""
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True, return_tensors=return_tensors
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
     )
+
+
+def prompt_inputs(tokenizer, question, return_tensors="pt"):
+    """prompt_text's tokens (the template's text holds its own special tokens), ready for generate(): input_ids and
+    attention_mask."""
+    return tokenizer(prompt_text(tokenizer, question), add_special_tokens=False, return_tensors=return_tensors)
 
 
 def text_ids(tokenizer, texts):
@@ -908,8 +925,7 @@ def eval_split(settings, rows):
 
 def is_split_name(eval_dataset, dataset_name):
     """'test' is a split of the Hub data set; a path, a file name or a Hub id ('user/name') is a data set of its own."""
-    local = os.path.exists(dataset_name) or os.path.splitext(dataset_name)[1].lower() in FILE_FORMATS
-    return not (local or "/" in eval_dataset or os.path.exists(eval_dataset) or "." in eval_dataset)
+    return not (is_local(dataset_name) or is_local(eval_dataset) or "/" in eval_dataset or "." in eval_dataset)
 
 
 def answers_only_for(shape, loss_on):

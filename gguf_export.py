@@ -30,7 +30,7 @@ from huggingface_hub import HfApi, ModelCardData
 from transformers import AutoModelForCausalLM
 
 import data
-from common import UserError, load_config, write_json_whole
+from common import VERIFICATION, UserError, load_config, read_verification, write_json_whole, write_record
 
 LLAMA_CPP_PYTHON = "0.3.36"
 # The sdist's sha256 as PyPI serves it: the converter run is exactly the one this project was tested with
@@ -46,7 +46,6 @@ GGUF_TYPES = (*CONVERTER_TYPES, *QUANTIZER_TYPES)
 REFERENCE_TYPE = "f16"
 GREEDY_TOKENS = 32  # the f16 file must match the merged model's greedy continuation for this many tokens at least
 EXPORT_FILE = "gguf_export.json"  # which merge the files were made from, and how long each took
-VERIFICATION = "verification.json"
 MODELFILE = "Modelfile"
 
 
@@ -615,7 +614,7 @@ def gguf_card(settings, info, report, has_template, merged_card):
     first = gguf_name(settings, settings.gguf_types[0])
     section = f"""## GGUF files (llama.cpp, Ollama, LM Studio)
 
-`{info["settings"]["model_name"]}` fine-tuned with QLoRA and merged (`{settings.hub_repo}`), converted by llama.cpp's
+`{info.settings["model_name"]}` fine-tuned with QLoRA and merged (`{settings.hub_repo}`), converted by llama.cpp's
 `convert_hf_to_gguf.py` (llama-cpp-python {LLAMA_CPP_PYTHON}'s llama.cpp; q4_k_m by llama.cpp's quantizer from the f16
 file). Each file was loaded with llama.cpp on the CPU and compared with the merged model in transformers on
 {report["rows"]} held-out rows and {report["prompts"]} prompts rendered through the file's own chat template:
@@ -642,7 +641,7 @@ llama.cpp: `llama-cli -m {first} -cnv` (the chat template is in the file).
 """
     if merged_card is not None:
         return f"{merged_card.rstrip()}\n\n{section}"
-    metadata = ModelCardData(base_model=info["settings"]["model_name"], tags=["gguf", "llama.cpp", "ollama", "qlora"])
+    metadata = ModelCardData(base_model=info.settings["model_name"], tags=["gguf", "llama.cpp", "ollama", "qlora"])
     return f"---\n{metadata.to_yaml()}\n---\n\n# {settings.gguf_repo}\n\n{section}"
 
 
@@ -689,9 +688,7 @@ def export_gguf(settings, info, train_settings, tokenizer, source, rows_ids):
             merged_card = f.read()
     with open(os.path.join(settings.gguf_dir, "README.md"), "w") as f:
         f.write(gguf_card(settings, info, report, has_template, merged_card))
-    merged_verification = os.path.join(settings.merged_dir, VERIFICATION)
-    with open(merged_verification) as f:
-        merged = json.load(f)
-    merged["gguf"] = report
-    write_json_whole(merged_verification, merged)
+    merged = read_verification(settings.merged_dir)
+    merged.gguf = report
+    write_record(settings.merged_dir, VERIFICATION, merged)
     return report

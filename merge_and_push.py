@@ -12,15 +12,13 @@ folder is checked against base + adapter and against the base model's held-out l
 model card (README.md, training_loss.png), and only then uploaded.
 """
 
-import dataclasses
 import hashlib
 import json
-import math
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import startup
 
@@ -29,30 +27,42 @@ startup.before_the_imports(as_script=__name__ == "__main__")  # Ctrl-C while loa
 import httpx2  # huggingface_hub's HTTP client: its connection errors are not OSErrors
 import torch
 import torch.nn.functional as F
-from huggingface_hub import CommitOperationAdd, HfApi, get_token, interpreter_login
-from huggingface_hub.utils import HFValidationError, validate_repo_id
+from huggingface_hub import CommitOperationAdd, HfApi
 from peft import PeftModel
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import card
 import data
-import finetune
 import gguf_export
+import safeguards
 from common import (
+    TRAINING_INFO,
+    VERIFICATION,
     ModelSettings,
+    Verification,
     UserError,
-    check_folder_can_be_written,
     check_model_weights,
-    count_parameters,
     device_map_for,
     folder_written_whole,
     load_config,
     load_tokenizer,
     parse_settings,
+    read_training_info,
+    read_verification,
     run_cli,
     setting,
-    write_json_whole,
+    write_record,
+)
+from qlora import (
+    ATTENTION,
+    PRECISIONS,
+    QUANT_TYPES,
+    count_loss_tokens,
+    heldout_loss,
+    load_base_model,
+    make_bnb_config,
+    pick_precision,
+    sample_answer,
 )
 
 startup.after_the_imports(as_script=__name__ == "__main__")
@@ -60,7 +70,6 @@ startup.after_the_imports(as_script=__name__ == "__main__")
 # Written last into the merged folder: which adapter it was merged from. A folder that has it, with today's adapter,
 # is complete and current: a rerun (after a failed upload) pushes it as it is.
 MERGE_SOURCE_FILE = "merge_source.json"
-VERIFICATION = "verification.json"
 # The weights an adapter can be merged into, as the summary and the card name them
 MERGE_BASES = {"nf4": "dequantized NF4 weights", "fp16": "original fp16 weights"}
 
@@ -100,62 +109,6 @@ class Settings(ModelSettings):
     gguf_same_repo: bool = setting(False, "push the GGUF files into hub_repo itself, not into <hub_repo>-GGUF")
 
 
-def check_settings(settings):
-    if settings.verify_rows < 1:
-        raise UserError(
-            f"--verify_rows must be at least 1 (got {settings.verify_rows}): the merged model is checked on that many "
-            "rows before it is pushed; the default is 8"
-        )
-    if not (math.isfinite(settings.verify_max_kl) and settings.verify_max_kl >= 0):
-        raise UserError(
-            f"--verify_max_kl must be a finite number, 0 or more (got {settings.verify_max_kl}); the default is 0.01"
-        )
-
-
-def check_adapter(settings):
-    """The adapter finetune.py wrote is there, whole, and was trained on the base model this script will load."""
-    adapter_config = os.path.join(settings.new_model, "adapter_config.json")
-    weights = os.path.join(settings.new_model, "adapter_model.safetensors")
-    if not os.path.isdir(settings.new_model):
-        raise UserError(f"adapter folder '{settings.new_model}' not found: run finetune.py first, or check --new_model")
-    for path in (adapter_config, weights):
-        if not os.path.isfile(path):
-            raise UserError(
-                f"adapter folder '{settings.new_model}' is incomplete: it has no {os.path.basename(path)}. "
-                "Run finetune.py again to save the adapter, or check --new_model"
-            )
-    with open(adapter_config) as f:
-        lora = json.load(f)
-    trained_on = lora.get("base_model_name_or_path")
-    if not same_model(trained_on, settings.model_name):
-        raise UserError(
-            f"the adapter in '{settings.new_model}' was trained on '{trained_on}', not on '{settings.model_name}': "
-            f"pass --model_name {trained_on}"
-        )
-    check_adapter_rank(settings.new_model, lora, weights)
-
-
-def check_adapter_rank(folder, lora, weights):
-    """The LoRA weights have the rank adapter_config.json says (their shapes, from the file's header): a folder that
-    mixes two runs' files would otherwise stop only once the base model is loaded."""
-    try:
-        with safe_open(weights, "pt") as f:
-            ranks = {f.get_slice(name).get_shape()[0] for name in f.keys() if "lora_A" in name}
-    except Exception as error:  # safetensors raises its own error types, and OSError
-        raise UserError(f"'{weights}' is not a whole safetensors file ({error}): run finetune.py again") from None
-    if not lora.get("rank_pattern") and ranks and ranks != {lora.get("r")}:
-        raise UserError(
-            f"'{folder}' does not hold one adapter: adapter_config.json says rank {lora.get('r')}, "
-            f"adapter_model.safetensors holds rank {', '.join(map(str, sorted(ranks)))}. Copy the folder again whole, "
-            "or run finetune.py again"
-        )
-
-
-def same_model(a, b):
-    """One Hub id or one folder, however the path to it is spelled."""
-    return a == b or (os.path.isdir(a or "") and os.path.isdir(b) and os.path.samefile(a, b))
-
-
 def merge_source(settings):
     """What a merge is made from: the adapter's bytes (its config names the base model, checked to be this one)."""
     digest = hashlib.sha256()
@@ -191,88 +144,36 @@ def merged_dir_is_current(settings, source):
     )
 
 
-def check_merged_dir(settings):
-    """merged_dir can be written: its parent folder exists, and it is no file."""
-    parent = os.path.dirname(os.path.abspath(settings.merged_dir))
-    if not os.path.isdir(parent):
-        raise UserError(
-            f"the folder '{parent}' that would hold --merged_dir does not exist: create it, or choose another "
-            "--merged_dir"
-        )
-    check_folder_can_be_written(settings.merged_dir, "merged_dir")
+# The recorded settings merge_and_push.py takes from training_info.json, and the values each may hold: the file is
+# input (from the Hub, or a colleague), and an attention implementation can name a kernel from the Hub, which is code
+RECORDED_CHOICES = {
+    "precision": PRECISIONS,
+    "bnb_4bit_quant_type": QUANT_TYPES,
+    "attn_implementation": ATTENTION,
+    "loss_on": data.LOSS_ON,
+}
 
 
-def merged_folder_bytes(settings, config):
-    """What the merged folder takes: the weights in fp16 (2 bytes a parameter), plus the tokenizer, the card and its
-    plot, counted as the whole adapter folder they are made from (more than they take), plus a margin of 5% and
-    16 MB for the config files and the file system's own blocks."""
-    extras = sum(entry.stat().st_size for entry in os.scandir(settings.new_model) if entry.is_file())
-    return int((count_parameters(config) * 2 + extras) * 1.05) + 16 * 2**20
-
-
-def check_disk_space(settings, config):
-    """The merged folder is written next to the folder it replaces."""
-    needed = merged_folder_bytes(settings, config)
-    parent = os.path.dirname(os.path.abspath(settings.merged_dir))
-    free = shutil.disk_usage(parent).free
-    if needed > free:
-        raise UserError(
-            f"not enough disk space for the merged model: it needs about {needed / 1e9:.3g} GB and {parent} has "
-            f"{free / 1e9:.3g} GB free. Free some space, or pass a --merged_dir on another disk"
-        )
-
-
-def check_hub_login(settings):
-    """Before any work: the push needs a token (HF_TOKEN or `hf auth login`), asked for only at a terminal."""
-    try:
-        validate_repo_id(settings.hub_repo)
-    except HFValidationError as error:
-        raise UserError(f"--hub_repo '{settings.hub_repo}' is not a valid repo id: {error}") from None
-    if get_token() is None:
-        if not sys.stdin.isatty():
-            raise UserError(
-                "pushing needs a Hugging Face token and none was found: set HF_TOKEN, run `hf auth login`, "
-                "or pass --no_push to only save the merged model locally"
-            )
-        interpreter_login()
-
-
-def read_training_info(adapter_dir):
-    """What finetune.py recorded beside the adapter: its settings (the 4-bit set-up, the data), versions, losses."""
-    path = os.path.join(adapter_dir, finetune.TRAINING_INFO)
-    if not os.path.isfile(path):
-        raise UserError(
-            f"'{adapter_dir}' has no {finetune.TRAINING_INFO}: it was not written by this project's finetune.py. "
-            "Check --new_model, or train the adapter again with finetune.py"
-        )
-    try:
-        with open(path) as f:
-            info = json.load(f)
-        recorded = dict(info["settings"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"'{path}' is not whole ({error}): train the adapter again with finetune.py") from None
-    fields = {field.name: field for field in dataclasses.fields(finetune.Settings)}
-    for name, value in recorded.items():
-        choices = fields[name].metadata.get("choices") if name in fields else None
-        if choices and value not in choices:  # attn_implementation can name a Hub kernel: code from the Hub
-            raise UserError(
-                f"'{path}' records {name} '{value}', which finetune.py does not take ({', '.join(choices)})"
-            )
-    return info, finetune.Settings(**{k: v for k, v in recorded.items() if k in fields})
-
-
-def train_settings_for(settings, recorded):
+def train_settings_for(settings, info):
     """The settings the base model is loaded with: the 4-bit set-up and the data as finetune.py recorded them, but the
     model and trust_remote_code as this command says. The adapter folder is input (from the Hub, or a colleague):
     nothing in it may turn on remote code or load another model than the --model_name checked against it."""
-    return dataclasses.replace(recorded, model_name=settings.model_name, trust_remote_code=settings.trust_remote_code)
+    recorded = info.settings
+    for name, choices in RECORDED_CHOICES.items():
+        if recorded.get(name) not in choices:
+            raise UserError(
+                f"'{os.path.join(settings.new_model, TRAINING_INFO)}' records {name} '{recorded.get(name)}', which "
+                f"finetune.py does not take ({', '.join(choices)}): train the adapter again with finetune.py"
+            )
+    return SimpleNamespace(**{**recorded, "model_name": settings.model_name,
+                              "trust_remote_code": settings.trust_remote_code})  # fmt: skip
 
 
 def load_4bit_base(train_settings):
     """The base model exactly as finetune.py trained on it: quantized to 4 bits by the same code and settings."""
-    compute_dtype, _ = finetune.pick_precision(train_settings.precision)
-    bnb_config = finetune.make_bnb_config(train_settings, compute_dtype)
-    model = finetune.load_base_model(train_settings, bnb_config, device_map_for())
+    compute_dtype, _ = pick_precision(train_settings.precision)
+    bnb_config = make_bnb_config(train_settings, compute_dtype)
+    model = load_base_model(train_settings, bnb_config, device_map_for())
     model.config.use_cache = True  # finetune.py turns it off for training; the published config must have it on
     return model
 
@@ -328,7 +229,7 @@ def scoring_rows(settings, train_settings, tokenizer):
 def loss_in_compute_dtype(model, rows):
     """The held-out loss of an fp16 model in the compute dtype, as the saved folder is measured when loaded back;
     cast back to fp16 after, which is exact (every weight came from fp16)."""
-    loss = finetune.heldout_loss(model.to(compute_dtype()), rows)
+    loss = heldout_loss(model.to(compute_dtype()), rows)
     model.to(torch.float16)
     return loss
 
@@ -397,17 +298,6 @@ def save_merged(model, tokenizer, merged_dir, source):
 
 
 # After the merge: check the merged folder against the adapter the user means to publish
-def read_verification(settings):
-    """The numbers of an earlier run's verification of this same merged folder (a rerun after a failed upload); None
-    for a verification.json this version did not write (it lacks the held-out losses)."""
-    path = os.path.join(settings.merged_dir, VERIFICATION)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        report = json.load(f)
-    return report if "loss_base" in report else None
-
-
 def row_logits(model, rows_ids):
     """Each row's logits, in float32 on the CPU, so the next model can take the GPU's memory."""
     model.eval()
@@ -427,92 +317,90 @@ def verify_merged(settings, info, train_settings, tokenizer, rows, merge):
     first verify_rows of them against the base model plus the unmerged adapter in --new_model, in the same dtype,
     and against the adapter on the 4-bit base it was trained on. Both sample answers come from the models named, on
     paths checked here: the merged folder, and the 4-bit base loaded with bitsandbytes' CPU repacking off
-    (finetune.keep_4bit_weights_as_loaded). One model at a time is loaded, so a GPU that fits the merged model fits
+    (qlora.keep_4bit_weights_as_loaded). One model at a time is loaded, so a GPU that fits the merged model fits
     this too. `merge` holds the choice and measure_merges' numbers; all goes to <merged_dir>/verification.json."""
     dtype, device = compute_dtype(), "cuda" if torch.cuda.is_available() else "cpu"
     rows_ids = [ids for ids, _ in rows[: settings.verify_rows]]
     prompt, budget = train_settings.sample_prompt, train_settings.sample_max_new_tokens
 
     def answer(model):
-        return finetune.sample_answer(model, tokenizer, prompt, budget) if budget > 0 else None  # 0: no sample
+        return sample_answer(model, tokenizer, prompt, budget) if budget > 0 else None  # 0: no sample
 
     merged = AutoModelForCausalLM.from_pretrained(
         settings.merged_dir, dtype=dtype, device_map=device, trust_remote_code=settings.trust_remote_code,
         use_safetensors=True,
     )
-    merged_logits, loss_merged = row_logits(merged, rows_ids), finetune.heldout_loss(merged, rows)
+    merged_logits, loss_merged = row_logits(merged, rows_ids), heldout_loss(merged, rows)
     merged_answer = answer(merged)
     del merged  # each model is dropped before the next one loads
     base = load_merge_base(settings, train_settings, merge["base"]).to(dtype)
     unmerged = PeftModel.from_pretrained(base, settings.new_model)
-    unmerged_logits, loss_unmerged = row_logits(unmerged, rows_ids), finetune.heldout_loss(unmerged, rows)
+    unmerged_logits, loss_unmerged = row_logits(unmerged, rows_ids), heldout_loss(unmerged, rows)
     del base, unmerged
     trained = PeftModel.from_pretrained(load_4bit_base(train_settings), settings.new_model)
-    trained_logits, loss_trained = row_logits(trained, rows_ids), finetune.heldout_loss(trained, rows)
+    trained_logits, loss_trained = row_logits(trained, rows_ids), heldout_loss(trained, rows)
     adapter_answer = answer(trained)
     del trained
 
-    report = {
-        "merge_base": merge["base"],
-        "merged_into": MERGE_BASES[merge["base"]],
-        "merge_choice": merge["why"],
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "heldout": merge["heldout"],
-        "loss_base": merge["measured"]["fp16"]["loss_base"],  # the original weights: what the user started from
-        "loss_merged": loss_merged,
-        "loss_unmerged": loss_unmerged,
-        "loss_4bit_adapter": loss_trained,
-        "merges": merge["measured"],
-        "finetune": info.get("heldout_loss"),  # finetune.py's own before and after, on the same rows
-        "rows": len(rows_ids),
-        "tokens": sum(len(ids) for ids in rows_ids),
-        "max_abs_logit_diff": max((m - u).abs().max().item() for m, u in zip(merged_logits, unmerged_logits)),
-        "mean_kl": mean_kl(unmerged_logits, merged_logits),
-        "mean_kl_to_4bit_adapter": mean_kl(trained_logits, merged_logits),
-        "max_kl": settings.verify_max_kl,
-        "sample": {"prompt": prompt, "max_new_tokens": budget, "merged_answer": merged_answer,
-                   "adapter_answer": adapter_answer},
-    }  # fmt: skip
-    report["passed"] = report["mean_kl"] <= settings.verify_max_kl
-    report["beats_base"] = report["loss_merged"] <= report["loss_base"]
-    report["heldout_losses"] = heldout_table(report)  # what the summary prints and the card shows
-    write_json_whole(os.path.join(settings.merged_dir, VERIFICATION), report)  # read back by a rerun
+    report = Verification(
+        merge_base=merge["base"],
+        merged_into=MERGE_BASES[merge["base"]],
+        merge_choice=merge["why"],
+        compute_dtype=str(dtype).removeprefix("torch."),
+        heldout=merge["heldout"],
+        loss_base=merge["measured"]["fp16"]["loss_base"],  # the original weights: what the user started from
+        loss_merged=loss_merged,
+        loss_unmerged=loss_unmerged,
+        loss_4bit_adapter=loss_trained,
+        merges=merge["measured"],
+        finetune=info.heldout_loss,  # finetune.py's own before and after, on the same rows
+        rows=len(rows_ids),
+        tokens=sum(len(ids) for ids in rows_ids),
+        max_abs_logit_diff=max((m - u).abs().max().item() for m, u in zip(merged_logits, unmerged_logits)),
+        mean_kl=mean_kl(unmerged_logits, merged_logits),
+        mean_kl_to_4bit_adapter=mean_kl(trained_logits, merged_logits),
+        max_kl=settings.verify_max_kl,
+        sample={"prompt": prompt, "max_new_tokens": budget, "merged_answer": merged_answer,
+                "adapter_answer": adapter_answer},
+        passed=False,
+        beats_base=loss_merged <= merge["measured"]["fp16"]["loss_base"],
+        heldout_losses=[],
+    )  # fmt: skip
+    report.passed = report.mean_kl <= settings.verify_max_kl
+    report.heldout_losses = heldout_table(report)  # what the summary prints and the card shows
+    write_record(settings.merged_dir, VERIFICATION, report)  # read back by a rerun
     return report
-
-
-def count_loss_tokens(rows):
-    return sum(sum(label != -100 for label in labels[1:]) for _, labels in rows)
 
 
 def heldout_table(report):
     """(what, held-out loss) of every model measured, the base first and the published model last."""
-    merges, before_after = report["merges"], report["finetune"] or {}
-    lines = [("the base model, original weights", report["loss_base"])]
+    merges, before_after = report.merges, report.finetune or {}
+    lines = [("the base model, original weights", report.loss_base)]
     if before_after:
         lines += [
             ("the base model in 4 bits, before training (finetune.py)", before_after["before_training"]),
             ("the adapter on the 4-bit base, after training (finetune.py)", before_after["after_training"]),
         ]
-    lines.append(("the adapter on the 4-bit base, loaded again", report["loss_4bit_adapter"]))
+    lines.append(("the adapter on the 4-bit base, loaded again", report.loss_4bit_adapter))
     lines += [(f"merged into the {MERGE_BASES[base]}", merges[base]["loss_merged"])
               for base in MERGE_BASES if "loss_merged" in merges.get(base, {})]  # fmt: skip
-    lines.append((f"published: the {report['merge_base']} merge, saved and loaded back", report["loss_merged"]))
+    lines.append((f"published: the {report.merge_base} merge, saved and loaded back", report.loss_merged))
     return lines
 
 
 def print_verification(report):
-    heldout = report["heldout"]
-    print(f"merged into the {report['merged_into']}: {report['merge_choice']}")
+    heldout = report.heldout
+    print(f"merged into the {report.merged_into}: {report.merge_choice}")
     print(f"held-out loss on {heldout['rows']} {heldout['rows_from']} rows ({heldout['tokens']} tokens, loss on "
-          f"{heldout['loss_on']}, compute in {report['compute_dtype']}):")  # fmt: skip
-    for what, loss in report["heldout_losses"]:
+          f"{heldout['loss_on']}, compute in {report.compute_dtype}):")  # fmt: skip
+    for what, loss in report.heldout_losses:
         print(f"  {what:<62} {loss:.4f}")
     print(
-        f"merged vs base + adapter on {report['rows']} rows: largest logit difference "
-        f"{report['max_abs_logit_diff']:.4g}, mean KL {report['mean_kl']:.3g} (limit {report['max_kl']}); mean KL "
-        f"to the adapter on the 4-bit base {report['mean_kl_to_4bit_adapter']:.3g}"
+        f"merged vs base + adapter on {report.rows} rows: largest logit difference "
+        f"{report.max_abs_logit_diff:.4g}, mean KL {report.mean_kl:.3g} (limit {report.max_kl}); mean KL "
+        f"to the adapter on the 4-bit base {report.mean_kl_to_4bit_adapter:.3g}"
     )
-    sample = report["sample"]
+    sample = report.sample
     if sample["merged_answer"] is not None:  # sample_max_new_tokens 0 asks for none
         print(f"{sample['prompt']}\nthe adapter on the 4-bit base >>> {sample['adapter_answer']}")
         print(f"the merged model              >>> {sample['merged_answer']}")
@@ -521,16 +409,16 @@ def print_verification(report):
 def verification_problems(report, settings):
     """What stops the push: a merged model that is not base + the adapter, or is worse than the base model."""
     problems = []
-    if report["mean_kl"] > settings.verify_max_kl:  # today's limit, also for a report of an earlier run
+    if report.mean_kl > settings.verify_max_kl:  # today's limit, also for a report of an earlier run
         problems.append(
             f"the merged model in '{settings.merged_dir}' does not behave like base + the adapter in "
-            f"'{settings.new_model}': mean KL {report['mean_kl']:.3g} > verify_max_kl {settings.verify_max_kl}"
+            f"'{settings.new_model}': mean KL {report.mean_kl:.3g} > verify_max_kl {settings.verify_max_kl}"
         )
-    if not report["beats_base"]:
-        heldout = report["heldout"]
+    if not report.beats_base:
+        heldout = report.heldout
         problems.append(
-            f"the merged model's held-out loss is {report['loss_merged']:.4f}, above the base model's "
-            f"{report['loss_base']:.4f} ({heldout['rows']} {heldout['rows_from']} rows): it is worse than the model "
+            f"the merged model's held-out loss is {report.loss_merged:.4f}, above the base model's "
+            f"{report.loss_base:.4f} ({heldout['rows']} {heldout['rows_from']} rows): it is worse than the model "
             "you started from"
         )
     return problems
@@ -551,21 +439,14 @@ def check_verification(report, settings):
     print(f"WARNING: {problem}. --push_unverified is set: pushing it anyway.", file=sys.stderr)
 
 
-def render_prompt(tokenizer):
-    """question -> the prompt text the model was trained with, from the chat template saved with it."""
-    return lambda question: tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-    )
-
-
 def write_merged_card(settings, info, report, tokenizer):
     with disk_errors("the model card", settings.merged_dir):
         write_card_files(settings, info, report, tokenizer)
 
 
 def write_card_files(settings, info, report, tokenizer):
-    card.plot_training_loss(info["log_history"], os.path.join(settings.merged_dir, card.LOSS_PLOT))
-    model_card = card.merged_model_card(info, report, settings.hub_repo, render_prompt(tokenizer))
+    card.plot_training_loss(info.log_history, os.path.join(settings.merged_dir, card.LOSS_PLOT))
+    model_card = card.merged_model_card(info, report, settings.hub_repo, lambda question: data.prompt_text(tokenizer, question))
     model_card.save(os.path.join(settings.merged_dir, "README.md"))
 
 
@@ -608,7 +489,7 @@ def push_adapter_folder(settings, info, report, tokenizer):
     api = HfApi()
     with hub_errors(settings.new_model, settings.adapter_repo):
         url = api.create_repo(settings.adapter_repo, private=settings.private, exist_ok=True)
-        model_card = card.adapter_model_card(info, report, url.repo_id, settings.hub_repo, render_prompt(tokenizer))
+        model_card = card.adapter_model_card(info, report, url.repo_id, settings.hub_repo, lambda question: data.prompt_text(tokenizer, question))
         files = sorted(set(os.listdir(settings.new_model)) - {"README.md", "training_args.bin"})
         operations = [CommitOperationAdd(name, os.path.join(settings.new_model, name)) for name in files] + [
             CommitOperationAdd("README.md", str(model_card).encode()),
@@ -619,19 +500,20 @@ def push_adapter_folder(settings, info, report, tokenizer):
 
 
 def main(argv=None):
+    """Steps 11-12 with the settings above, after the checks that would otherwise stop them halfway."""
     settings = parse_settings(Settings, argv)
     settings.merged_dir = settings.merged_dir or f"{settings.new_model.rstrip('/')}-merged"
     settings.hub_repo = settings.hub_repo or os.path.basename(settings.new_model.rstrip("/"))
     settings.adapter_repo = settings.adapter_repo or f"{settings.hub_repo}-adapter"
-    check_settings(settings)
+    safeguards.check_merge_settings(settings)
     settings.gguf_dir = settings.gguf_dir or f"{settings.merged_dir.rstrip('/')}-gguf"  # GGUF export
     settings.gguf_repo = settings.hub_repo if settings.gguf_same_repo else f"{settings.hub_repo}-GGUF"
-    check_adapter(settings)
-    check_merged_dir(settings)
+    safeguards.check_adapter(settings)
+    safeguards.check_merged_dir(settings)
     if settings.push:
-        check_hub_login(settings)
-    info, recorded = read_training_info(settings.new_model)
-    train_settings = train_settings_for(settings, recorded)
+        safeguards.check_hub_login(settings)
+    info = read_training_info(settings.new_model)
+    train_settings = train_settings_for(settings, info)
     config = load_config(settings.model_name, settings.trust_remote_code)
     check_model_weights(settings.model_name)
     source = merge_source(settings)
@@ -641,14 +523,16 @@ def main(argv=None):
     settings.gguf_types = gguf_export.requested_types(settings.gguf)
     settings.gguf_make = gguf_export.check_gguf_request(settings, tokenizer) if settings.gguf_types else []
 
+    # Step 11. Reload the base model in fp16, attach the adapter, merge_and_unload: into whichever weights (the
+    # original fp16 ones, or the dequantized NF4 ones it was trained on) give the lower held-out loss, unless a merge
+    # of this adapter is already saved. Then the saved folder is checked and given its card
     rows, heldout = scoring_rows(settings, train_settings, tokenizer)
-
     merged_into = merged_dir_is_current(settings, source)
     if merged_into:
         print(f"{settings.merged_dir} is a complete merge of this adapter: using it, not merging again")
         merge = {"base": merged_into, "why": "the merge saved by an earlier run", "measured": None}
     else:
-        check_disk_space(settings, config)
+        safeguards.check_disk_space(settings, config)
         merges = list(MERGE_BASES) if settings.merge_base == "auto" else [settings.merge_base]
         measured = measure_merges(settings, train_settings, rows, merges)
         base, why = choose_merge(settings, measured)
@@ -659,7 +543,7 @@ def main(argv=None):
         save_merged(model, tokenizer, settings.merged_dir, {**source, "merge_base": base})
         del model  # verification loads the saved folder back, as the Hub will serve it
 
-    report = read_verification(settings)
+    report = read_verification(settings.merged_dir)
     if report is None:
         merge["measured"] = merge["measured"] or measure_merges(settings, train_settings, rows, [])
         report = verify_merged(settings, info, train_settings, tokenizer, rows, {**merge, "heldout": heldout})
@@ -671,6 +555,7 @@ def main(argv=None):
         gguf_report = gguf_export.export_gguf(settings, info, train_settings, tokenizer, source, rows_ids)
         gguf_export.check_gguf_verification(gguf_report, settings)
 
+    # Step 12. Push the merged model and tokenizer to the Hub (and the adapter, and the GGUF files, where asked)
     if settings.push:
         push_folder(settings.merged_dir, settings.hub_repo, settings.private)
         if settings.push_adapter:

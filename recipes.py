@@ -21,7 +21,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.utils import is_liger_kernel_available
 
-from common import UserError, under_fsdp
+from common import UserError, named_on_command_line, under_fsdp
 
 # The tutorial's value of every setting a recipe may change: a setting the user left at it is the recipe's to set
 TUTORIAL = {
@@ -127,7 +127,7 @@ def model_shape(config, lora_r, lora_target_modules, counts=None):
 
 
 def lora_targets(config, names):
-    """The layer names peft gives LoRA to, as finetune.make_lora_config asks: 'all-linear', a list, or its default."""
+    """The layer names peft gives LoRA to, as finetune.py's LoraConfig asks: 'all-linear', a list, or its default."""
     if names == "all-linear":
         return names
     if names:
@@ -254,6 +254,20 @@ def check_liger_is_installed(settings):
         raise UserError(f"--use_liger_kernel needs liger-kernel, which is not installed: {install}")
 
 
+def settings_you_chose(settings_class, argv):
+    """The settings named on the command line, and those edited at the top of finetune.py away from the tutorial's
+    value: a recipe leaves these alone."""
+    defaults = {field.name: field.default for field in dataclasses.fields(settings_class)}
+    edited = {name for name, value in TUTORIAL.items() if defaults[name] != value}
+    return named_on_command_line(settings_class, argv) | edited
+
+
+def full_length(settings):
+    """A batch's length in tokens at its fullest: a packed or padding-free batch is one row of all its rows"""
+    flat = settings.packing or settings.padding_free
+    return settings.max_length * (settings.per_device_train_batch_size if flat else 1)
+
+
 def pick(settings, chosen, config):
     """The recipe for these settings on this machine: (settings with the recipe applied, Choice)."""
     check_liger_is_installed(settings)
@@ -310,8 +324,8 @@ class SmallerBatchAfterOutOfMemory(TrainerCallback):
     retries with 0.9 of the batch until one fits). This says so in one line and pads packed batches to the new
     batch's full length: padded to the old one, every step would still need the old batch's memory."""
 
-    def __init__(self, collator, settings, full_length):
-        self.collator, self.settings, self.full_length = collator, settings, full_length
+    def __init__(self, collator, settings):
+        self.collator, self.settings = collator, settings
         self.batch = settings.per_device_train_batch_size
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -325,7 +339,7 @@ class SmallerBatchAfterOutOfMemory(TrainerCallback):
         self.batch = state.train_batch_size
         if self.settings.pad_to_full_length:
             smaller = dataclasses.replace(self.settings, per_device_train_batch_size=self.batch)
-            self.collator.pad_to_multiple_of = self.full_length(smaller)
+            self.collator.pad_to_multiple_of = full_length(smaller)
 
 
 @contextmanager

@@ -23,7 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import finetune  # noqa: E402
+import qlora  # noqa: E402
 from timing import StepProfiler, StepTimer  # noqa: E402
 
 ROWS = 1000
@@ -179,14 +181,14 @@ def lora_model(model_name, attn_implementation, device_map):
         "--model_name", model_name, "--attn_implementation", attn_implementation,
         "--lora_target_modules", "all-linear", "--lora_dropout", "0",
     ])  # fmt: skip
-    compute_dtype, _ = finetune.pick_precision("bf16" if torch.cuda.is_available() else "fp32")
-    model = finetune.load_base_model(settings, finetune.make_bnb_config(settings, compute_dtype), device_map)
+    compute_dtype, _ = qlora.pick_precision("bf16" if torch.cuda.is_available() else "fp32")
+    model = qlora.load_base_model(settings, qlora.make_bnb_config(settings, compute_dtype), device_map)
     model = get_peft_model(model, finetune.make_lora_config(settings))
     torch.manual_seed(SEED)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
-    return model, finetune.load_tokenizer(model_name, False)
+    return model, common.load_tokenizer(model_name, False)
 
 
 def packed_vs_rows(model, tokenizer, rows, autocast_dtype=None, restart_positions=True, pad_to=None):

@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
 import finetune  # noqa: E402
+import qlora  # noqa: E402
 import smollm2  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -71,8 +72,8 @@ def measure_base(base, tokenizer, train, heldout):
     """The losses of the model every run starts from: the base loaded in 4 bits by finetune.py's own code (the LoRA
     adapter starts at zero, so this is each run's model at step 0)."""
     settings = finetune.parse_settings(finetune.Settings, ["--model_name", base])
-    compute_dtype, _ = finetune.pick_precision(settings.precision)
-    model = finetune.load_base_model(settings, finetune.make_bnb_config(settings, compute_dtype), {"": "cpu"})
+    compute_dtype, _ = qlora.pick_precision(settings.precision)
+    model = qlora.load_base_model(settings, qlora.make_bnb_config(settings, compute_dtype), {"": "cpu"})
     result = {"optimizer_steps": 0, "train_rows_loss": smollm2.heldout_loss(model, tokenizer, train),
               "heldout_loss": smollm2.heldout_loss(model, tokenizer, heldout)}  # fmt: skip
     print("base", json.dumps(result), flush=True)

@@ -81,3 +81,23 @@ def test_an_unreachable_hub_is_retried_without_a_line_for_each_retry(monkeypatch
     finally:
         logging.getLogger("huggingface_hub").removeHandler(logged)
     assert len(slept) == 5  # it did retry
+
+
+def imported_modules(path):
+    """The project modules a file imports, read from its source (nothing is run)."""
+    import ast
+
+    tree = ast.parse(open(path).read())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return {name for name in names if os.path.isfile(os.path.join(ROOT, f"{name}.py"))}
+
+
+def test_neither_script_imports_the_other():
+    """What both scripts need comes from the modules beside them: importing finetune.py for a merge would run its
+    start-up (the CUDA allocator setting, trl's trainer) and tie the merge to the training script's internals."""
+    modules = {script: imported_modules(os.path.join(ROOT, script)) for script in SCRIPTS}
+    assert "merge_and_push" not in modules["finetune.py"] and "finetune" not in modules["merge_and_push.py"]
+    assert "qlora" in modules["finetune.py"] & modules["merge_and_push.py"]
+    for module in {name for imported in modules.values() for name in imported}:  # nor do the modules they import
+        assert not imported_modules(os.path.join(ROOT, f"{module}.py")) & {"finetune", "merge_and_push"}, module

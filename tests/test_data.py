@@ -648,22 +648,24 @@ def test_qwen3s_template_which_is_not_prefix_preserving_gets_trls_marked_copy():
 def test_heldout_rows_are_the_trainers_eval_rows_with_its_answers_only_labels(chat_run):
     """merge_and_push.py rebuilds, from the settings in training_info.json, the eval rows the trainer scored, with the
     labels it built (answers only); finetune.py's before and after losses are the trainer's eval loss of them."""
+    import common
     import merge_and_push
 
     trainer, workdir = chat_run
-    info, train_settings = merge_and_push.read_training_info(str(workdir / "adapter"))
     settings = merge_and_push.parse_settings(merge_and_push.Settings, ["--new_model", str(workdir / "adapter")])
+    info = common.read_training_info(settings.new_model)
+    train_settings = merge_and_push.train_settings_for(settings, info)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "adapter")
     rows, heldout = merge_and_push.scoring_rows(settings, train_settings, tokenizer)
     trainers = [(row["input_ids"], row["labels"]) for row in trainer.eval_dataset]
     assert sorted(rows) == sorted(trainers) and len(rows) == 2 and -100 in rows[0][1]
     assert heldout["rows_from"] == "held-out" and heldout["loss_on"] == "answers"
-    assert info["heldout_loss"]["tokens"] == heldout["tokens"]
+    assert info.heldout_loss["tokens"] == heldout["tokens"]
 
     def trainer_eval_loss():
         return trainer.evaluation_loop(trainer.get_eval_dataloader(), "eval").metrics["eval_loss"]
 
-    assert info["heldout_loss"]["after_training"] == pytest.approx(trainer_eval_loss(), rel=1e-5)
+    assert info.heldout_loss["after_training"] == pytest.approx(trainer_eval_loss(), rel=1e-5)
     with trainer.model.disable_adapter():
-        assert info["heldout_loss"]["before_training"] == pytest.approx(trainer_eval_loss(), rel=1e-5)
+        assert info.heldout_loss["before_training"] == pytest.approx(trainer_eval_loss(), rel=1e-5)
     assert "held-out loss (2 rows" in (workdir / "stdout.txt").read_text()

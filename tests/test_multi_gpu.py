@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import finetune
+import qlora
 
 FSDP_CONFIG = os.path.join(ROOT, "configs", "fsdp_qlora.yaml")
 
@@ -109,8 +110,8 @@ def test_4bit_weights_take_the_compute_dtype_under_fsdp(fsdp, tiny_model, tutori
     if fsdp:
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with the FSDP config sets
     settings = finetune.parse_settings(finetune.Settings, tiny_run_args(tiny_model, tutorial_data, tmp_path))
-    bnb_config = finetune.make_bnb_config(settings, torch.bfloat16)
-    model = finetune.load_base_model(settings, bnb_config, {"": "cpu"})
+    bnb_config = qlora.make_bnb_config(settings, torch.bfloat16)
+    model = qlora.load_base_model(settings, bnb_config, {"": "cpu"})
     packed = {p.dtype for name, p in model.named_parameters() if p.__class__.__name__ == "Params4bit"}
     assert packed, "no 4-bit weights"
     if fsdp:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
+import qlora
 import merge_and_push
 from common import UserError
 
@@ -42,10 +43,10 @@ def test_base_layers_are_bitsandbytes_4bit_nf4(trained):
 def test_eval_forward_and_state_dict_leave_the_4bit_model_as_it_was(tiny_model):
     """On a CPU with AVX512-BF16 (the project's machine), bitsandbytes 0.50.2 repacks the 4-bit weights on an
     eval-mode forward and the next state_dict() unpacks them with their scales scrambled: without
-    finetune.keep_4bit_weights_as_loaded the loss below changes (4.67200 to 4.67158 on this tiny model; 2.34 to 15.8
+    qlora.keep_4bit_weights_as_loaded the loss below changes (4.67200 to 4.67158 on this tiny model; 2.34 to 15.8
     mid-run on SmolLM2 in issue 13). On a CPU without AVX512-BF16 bitsandbytes never repacks: this passes either way."""
     settings = finetune.parse_settings(finetune.Settings, ["--model_name", tiny_model])
-    model = finetune.load_base_model(settings, finetune.make_bnb_config(settings, torch.float32), {"": "cpu"})
+    model = qlora.load_base_model(settings, qlora.make_bnb_config(settings, torch.float32), {"": "cpu"})
     ids = torch.tensor([list(range(3, 60))])
 
     def training_mode_loss():

@@ -16,8 +16,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import card
+import common
 import finetune
 import merge_and_push
+import qlora
 from common import UserError
 
 FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
@@ -145,7 +147,7 @@ def test_finetune_measures_the_heldout_loss_before_and_after_as_the_trainers_eva
     """The same rows, rendering and loss mask: the trainer's own eval loss of its eval rows (one batch of 5), with
     the adapter off (the base, before training) and on (after)."""
     trainer, workdir = published
-    heldout = json.loads((workdir / "adapter" / finetune.TRAINING_INFO).read_text())["heldout_loss"]
+    heldout = json.loads((workdir / "adapter" / common.TRAINING_INFO).read_text())["heldout_loss"]
 
     def trainer_eval_loss():  # evaluation_loop, not evaluate(): nothing is added to the log history
         return trainer.evaluation_loop(trainer.get_eval_dataloader(), "eval").metrics["eval_loss"]
@@ -200,7 +202,8 @@ def verify(base, merged_dir, adapter, *extra):
     settings = merge_and_push.parse_settings(
         merge_and_push.Settings, ["--model_name", base, "--new_model", str(adapter), "--merged_dir", str(merged_dir), *extra]
     )  # fmt: skip
-    info, train_settings = merge_and_push.read_training_info(settings.new_model)
+    info = common.read_training_info(settings.new_model)
+    train_settings = merge_and_push.train_settings_for(settings, info)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     rows, heldout = merge_and_push.scoring_rows(settings, train_settings, tokenizer)
     merge = {"base": json.loads((merged_dir / merge_and_push.MERGE_SOURCE_FILE).read_text())["merge_base"],
@@ -214,7 +217,7 @@ def test_merged_folder_of_another_adapter_is_caught(published, wrong_adapter, ba
     _, workdir = published
     merged = shutil.copytree(workdir / "adapter-merged", tmp_path / "merged")
     settings, report = verify(base, merged, wrong_adapter)
-    assert report["passed"] is False and report["mean_kl"] > 10 * settings.verify_max_kl
+    assert report.passed is False and report.mean_kl > 10 * settings.verify_max_kl
     assert json.loads((merged / merge_and_push.VERIFICATION).read_text())["passed"] is False
     with pytest.raises(UserError, match="does not behave like base"):
         merge_and_push.check_verification(report, settings)
@@ -226,9 +229,9 @@ def test_merged_folder_of_another_adapter_is_caught(published, wrong_adapter, ba
 
 def test_training_info_holds_what_the_card_needs(published):
     trainer, workdir = published
-    info = json.loads((workdir / "adapter" / finetune.TRAINING_INFO).read_text())
+    info = json.loads((workdir / "adapter" / common.TRAINING_INFO).read_text())
     assert info["settings"]["learning_rate"] == 2e-2 and info["settings"]["lora_r"] == 16
-    assert set(info["versions"]) == set(finetune.LIBRARIES)
+    assert set(info["versions"]) == set(common.LIBRARIES)
     assert info["gpu"] == "none (CPU)" and info["train_runtime_s"] > 0 and info["global_step"] == 30
     assert info["tokens_seen"] > 30 * 8 * 10  # 30 steps of 8 rows of more than 10 tokens
     assert info["final_train_loss"] == [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]
@@ -246,7 +249,7 @@ def test_model_card_parses_and_holds_the_fields(published, base):
     assert set(card.TAGS) <= set(data.tags)
     assert data.datasets is None  # a local file is not a Hub data set
     text = model_card.text
-    info = json.loads((workdir / "adapter" / finetune.TRAINING_INFO).read_text())
+    info = json.loads((workdir / "adapter" / common.TRAINING_INFO).read_text())
     report = json.loads((merged / merge_and_push.VERIFICATION).read_text())
     for name, value in info["settings"].items():
         assert f"| `{name}` | {f'`{value}`' if value not in ('', None) else '(empty)'} |" in text
@@ -271,9 +274,9 @@ def test_sample_answers_shown_are_the_models_own(published, base, tmp_path, caps
     made on the checked path, never the one training_info.json holds (on the CPU bug's path it was noise)."""
     _, workdir = published
     adapter = shutil.copytree(workdir / "adapter", tmp_path / "adapter")
-    info = json.loads((adapter / finetune.TRAINING_INFO).read_text())
+    info = json.loads((adapter / common.TRAINING_INFO).read_text())
     info["sample"]["answer"] = "Sufi called Sufi Sufiress"
-    (adapter / finetune.TRAINING_INFO).write_text(json.dumps(info))
+    (adapter / common.TRAINING_INFO).write_text(json.dumps(info))
     merged = tmp_path / "merged"
     merge_and_push.main(["--model_name", base, "--new_model", str(adapter), "--merged_dir", str(merged), "--no_push",
                          "--merge_base", "nf4"])  # fmt: skip
@@ -283,17 +286,18 @@ def test_sample_answers_shown_are_the_models_own(published, base, tmp_path, caps
 
     prompt, budget = info["settings"]["sample_prompt"], info["settings"]["sample_max_new_tokens"]
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    merged_answer = finetune.sample_answer(AutoModelForCausalLM.from_pretrained(merged), tokenizer, prompt, budget)
+    merged_answer = qlora.sample_answer(AutoModelForCausalLM.from_pretrained(merged), tokenizer, prompt, budget)
     assert f"the merged model              >>> {merged_answer}\n" in out and repr(merged_answer) in card_text
-    train_settings = merge_and_push.read_training_info(str(adapter))[1]
+    settings = merge_and_push.parse_settings(merge_and_push.Settings, ["--model_name", base, "--new_model", str(adapter)])
+    train_settings = merge_and_push.train_settings_for(settings, common.read_training_info(str(adapter)))
     trained = PeftModel.from_pretrained(merge_and_push.load_4bit_base(train_settings), adapter)
-    adapter_answer = finetune.sample_answer(trained, tokenizer, prompt, budget)
+    adapter_answer = qlora.sample_answer(trained, tokenizer, prompt, budget)
     assert f"the adapter on the 4-bit base >>> {adapter_answer}\n" in out
 
 
 def test_card_names_a_hub_dataset():
-    info = {"settings": {"model_name": "NousResearch/Llama-2-7b-chat-hf", "dataset_name": "mlabonne/guanaco-llama2-1k"}}
-    data = card.card_data(info, "transformers")  # offline: the base model's Hub card cannot be read
+    settings = {"model_name": "NousResearch/Llama-2-7b-chat-hf", "dataset_name": "mlabonne/guanaco-llama2-1k"}
+    data = card.card_data(settings, "transformers")  # offline: the base model's Hub card cannot be read
     assert data.datasets == ["mlabonne/guanaco-llama2-1k"] and data.license is None
 
 
@@ -320,7 +324,7 @@ def test_usage_snippets_of_the_card_run_and_agree(published):
 def test_adapter_without_training_info_is_refused(published, base, tmp_path):
     _, workdir = published
     adapter = shutil.copytree(workdir / "adapter", tmp_path / "adapter")
-    os.remove(adapter / finetune.TRAINING_INFO)
+    os.remove(adapter / common.TRAINING_INFO)
     with pytest.raises(UserError, match="training_info.json"):
         merge_and_push.main(["--model_name", base, "--new_model", str(adapter), "--no_push"])
 

@@ -29,7 +29,7 @@ def on_a_gpu_with(monkeypatch, free_gib, bf16=True):
 
 def pick(argv, shape="7b", module=finetune):
     settings = module.parse_settings(module.Settings, argv)
-    return recipes.pick(settings, module.settings_you_chose(argv), LlamaConfig(**SHAPES[shape]))
+    return recipes.pick(settings, recipes.settings_you_chose(module.Settings, argv), LlamaConfig(**SHAPES[shape]))
 
 
 @pytest.mark.parametrize("argv", [[], ["--gpu_recipe", "auto"]])

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import common
 import finetune
+import safeguards
 import merge_and_push
 from common import folder_written_whole, run_cli
 
@@ -76,7 +77,7 @@ def test_run_settings_are_saved_without_secrets(trained, tutorial_data):
     _, workdir, _ = trained
     saved = json.loads((workdir / "results" / "run_settings.json").read_text())
     assert saved["lora_r"] == 8 and saved["dataset_name"] == tutorial_data and len(saved["dataset_sha256"]) == 64
-    assert set(saved) == set(finetune.RUN_KEYS) | {"dataset_sha256", "recipe_changes"}
+    assert set(saved) == set(safeguards.RUN_KEYS) | {"dataset_sha256", "recipe_changes"}
 
 
 @pytest.mark.parametrize(
@@ -104,11 +105,11 @@ def test_resume_under_another_gpu_recipe_is_refused(trained):
     # What auto picks for this model on a GPU with less room than the first run's
     settings = finetune.parse_settings(finetune.Settings, [*args, "--gpu_recipe", "checkpoint_every_layer"])
     with pytest.raises(common.UserError, match="gpu_recipe tutorial then, checkpoint_every_layer now"):
-        finetune.checkpoint_to_resume(settings, {})
+        safeguards.checkpoint_to_resume(settings, {})
     # and each setting the recipe changed is recorded: the same recipe with other changes is another run too
     settings = finetune.parse_settings(finetune.Settings, [*args, "--gpu_recipe", "tutorial"])
     with pytest.raises(common.UserError, match="recipe_changes {} then, {'packing': True} now"):
-        finetune.checkpoint_to_resume(settings, {"packing": True})
+        safeguards.checkpoint_to_resume(settings, {"packing": True})
 
 
 def test_rerun_with_other_base_model_is_refused(trained, tiny_model, tmp_path, capsys):
@@ -148,7 +149,7 @@ def test_newest_checkpoint_cut_off_while_saving_is_skipped(trained, tmp_path, cu
     else:
         state.write_text(state.read_text()[:100])
     settings = finetune.parse_settings(finetune.Settings, [*args, "--output_dir", str(results), "--gpu_recipe", "tutorial"])
-    assert finetune.checkpoint_to_resume(settings, {}) == str(results / "checkpoint-5")
+    assert safeguards.checkpoint_to_resume(settings, {}) == str(results / "checkpoint-5")
 
 
 def slow_run_args(model, data, workdir):
@@ -283,7 +284,7 @@ def test_missing_data_file_is_one_line(tiny_model, tmp_path, capsys):
 
 def test_logger_not_installed_is_one_line(tiny_model, tutorial_data, tmp_path, monkeypatch, capsys):
     """wandb, as on a machine without it (it is not in requirements.txt, but may be installed here)."""
-    monkeypatch.setattr(finetune, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    monkeypatch.setattr(safeguards, "get_available_reporting_integrations", lambda: ["tensorboard"])
     args = tiny_run_args(tiny_model, tutorial_data, tmp_path, "--report_to", "wandb")
     assert_refused(finetune, args, capsys, "--report_to wandb", "not installed", "--report_to none")
 
@@ -380,7 +381,7 @@ def test_not_enough_disk_space_stops_before_the_merge(trained, tiny_model, tmp_p
     _, workdir, _ = trained
     weights = common.count_parameters(common.load_config(tiny_model, False)) * 2
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(merge_and_push.shutil, "disk_usage", lambda path: usage(10**12, 10**12, weights + 1000))
+    monkeypatch.setattr(safeguards.shutil, "disk_usage", lambda path: usage(10**12, 10**12, weights + 1000))
     args = merge_args(tiny_model, workdir, "--merged_dir", str(tmp_path / "merged"), "--no_push")
     line = assert_refused(merge_and_push, args, capsys, "not enough disk space", "--merged_dir")
     adapter_folder = sum(f.stat().st_size for f in (workdir / "adapter").iterdir() if f.is_file())
@@ -615,9 +616,9 @@ def test_adapter_folder_cannot_turn_on_remote_code_or_pick_the_model(trained, ti
     plant_remote_code(evil_model, marker)
     adapter = shutil.copytree(workdir / "adapter", tmp_path / "adapter")
     plant_remote_code(adapter, marker)
-    info = json.loads((adapter / finetune.TRAINING_INFO).read_text())
+    info = json.loads((adapter / common.TRAINING_INFO).read_text())
     info["settings"].update(trust_remote_code=True, model_name=str(evil_model))
-    (adapter / finetune.TRAINING_INFO).write_text(json.dumps(info))
+    (adapter / common.TRAINING_INFO).write_text(json.dumps(info))
 
     loaded = []
     original = merge_and_push.AutoModelForCausalLM.from_pretrained.__func__
@@ -743,7 +744,7 @@ def test_finished_run_is_not_trained_again(trained, tmp_path, monkeypatch, capsy
     finetune.main(args)
     out = capsys.readouterr().out
     assert "checkpoint-6 is the last step of this run: saving its adapter, not training again" in out
-    info = json.loads((tmp_path / "adapter" / finetune.TRAINING_INFO).read_text())
+    info = json.loads((tmp_path / "adapter" / common.TRAINING_INFO).read_text())
     assert info["global_step"] == 6 and max(losses_by_step(info["log_history"])) == 6
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     checkpoint = load_file(tmp_path / "results" / "checkpoint-6" / "adapter_model.safetensors")
@@ -756,7 +757,7 @@ def test_training_info_is_written_before_the_adapter_takes_its_place(tiny_model,
     def killed(*args):
         raise OSError("killed")
 
-    monkeypatch.setattr(finetune, "save_training_info", killed)
+    monkeypatch.setattr(finetune, "write_record", killed)
     with pytest.raises(OSError, match="killed"):
         finetune.main(tiny_run_args(tiny_model, tutorial_data, tmp_path, "--max_steps", "2", "--report_to", "none"))
     assert not (tmp_path / "adapter").exists()
