@@ -15,7 +15,7 @@ import pytest
 import common
 import finetune
 import merge_and_push
-from conftest import ROOT
+from helpers import ROOT
 
 SCRIPTS = {"finetune.py": finetune.Settings, "merge_and_push.py": merge_and_push.Settings}
 

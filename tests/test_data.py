@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import ROOT, chat_tokenizer, tiny_run_args, tutorial_rows, write_jsonl
+from helpers import ROOT, chat_tokenizer, tiny_run_args, tutorial_rows, write_jsonl
 from test_pipeline import assert_one_line_error, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoTokenizer

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_run_args, tutorial_rows
+from helpers import ROOT, tiny_run_args, tutorial_rows
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 

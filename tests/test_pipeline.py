@@ -11,7 +11,7 @@ import bitsandbytes as bnb
 import pytest
 from huggingface_hub import RepoUrl
 import torch
-from conftest import ROOT, tiny_run_args, write_jsonl
+from helpers import FAKE_TOKEN, ROOT, tiny_run_args, write_jsonl
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,7 +20,6 @@ import finetune
 import merge_and_push
 from common import UserError
 
-FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from huggingface_hub import RepoUrl
 import torch
-from conftest import tiny_run_args, tutorial_rows, write_jsonl
+from helpers import FAKE_TOKEN, tiny_run_args, tutorial_rows, write_jsonl
 from huggingface_hub import ModelCard
 from PIL import Image
 from peft import PeftModel
@@ -20,7 +20,6 @@ import finetune
 import merge_and_push
 from common import UserError
 
-FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
 BASE_LICENSE = "apache-2.0"
 # Enough steps at a high learning rate for the tiny model to learn where the rows end (checked: the EOS the merged
 # model stops on has a probability near 0.97 at that step, so greedy decoding does not hang on a coin toss)

@@ -15,7 +15,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub import RepoUrl
 import torch
-from conftest import ROOT, tiny_run_args, tutorial_rows, write_jsonl
+from helpers import FAKE_TOKEN, ROOT, tiny_run_args, tutorial_rows, write_jsonl
 from fake_hub import closed_port_endpoint, running_hub
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -26,7 +26,6 @@ import finetune
 import merge_and_push
 from common import folder_written_whole, run_cli
 
-FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
 
 
 def cli(module, args, capsys):

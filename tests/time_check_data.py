@@ -7,7 +7,7 @@ import sys
 import tempfile
 import time
 
-from conftest import ROOT, build_tiny_model
+from helpers import ROOT, build_tiny_model
 
 
 def write_rows(path, shape, n=100_000):
