@@ -1,9 +1,13 @@
-"""What the tests share: the tiny model and its rows, finetune.py's command line, and the fake token. Fixtures are
-in conftest.py; this module has none."""
+"""What the tests share: the tiny model and its rows, the scripts' command lines, one way to run a script and to
+check the one line it is refused with, and the fake token. Fixtures are in conftest.py; this module has none."""
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -101,3 +105,61 @@ def tiny_run_args(model, data, workdir, *extra):
         "--sample_max_new_tokens", "8",
         *extra,
     ]  # fmt: skip
+
+
+# A script run as a user runs it, and the one line it is refused with
+
+
+def start_script(script, *args, env=None):
+    """The script started in a process of its own, as a user starts it: from the repository folder, offline, no
+    input, its output captured."""
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def run_script(script, *args, env=None):
+    """start_script, waited for: (returncode, stdout, stderr) as subprocess.run gives them."""
+    process = start_script(script, *args, env=env)
+    stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def one_error_line(status, stderr, *words):
+    """What every refusal looks like: exit status 2 and one line `error: ...` holding each of the words, no
+    traceback. Returns the line."""
+    assert status == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_one_line_error(result, *words):
+    """A script run with run_script was refused with one line holding the words. Returns the line."""
+    return one_error_line(result.returncode, result.stderr, *words)
+
+
+def assert_refused(module, args, capsys, *words):
+    """module.main(args) run in this process behind the scripts' own wrapper (common.run_cli) is refused with one line
+    holding the words. Returns the line."""
+    from common import run_cli  # the project folder is on sys.path once conftest has run
+
+    with pytest.raises(SystemExit) as exit:
+        run_cli(lambda: module.main(args))
+    return one_error_line(exit.value.code, capsys.readouterr().err, *words)
+
+
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on (until something binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

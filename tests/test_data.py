@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from helpers import ROOT, chat_tokenizer, tiny_run_args, tutorial_rows, write_jsonl
-from test_pipeline import assert_one_line_error, run_script
+from helpers import ROOT, assert_one_line_error, chat_tokenizer, run_script, tiny_run_args, tutorial_rows, write_jsonl
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoTokenizer
 from trl.chat_template_utils import has_generation_markers

@@ -4,14 +4,12 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import bitsandbytes as bnb
 import pytest
 from huggingface_hub import RepoUrl
 import torch
-from helpers import FAKE_TOKEN, ROOT, tiny_run_args, write_jsonl
+from helpers import FAKE_TOKEN, assert_one_line_error, run_script, tiny_run_args, write_jsonl
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import finetune
 import merge_and_push
 from common import UserError
-
 
 
 @pytest.fixture(scope="module")
@@ -186,26 +183,6 @@ def test_merged_model_worse_than_the_base_is_not_pushed_unasked(trained, tiny_mo
     merge_and_push.main([*args, "--push_unverified"])  # the merged folder is reused, and pushed with a warning
     assert len(uploads) == 1 and "WARNING" in capsys.readouterr().err
     assert "FAILED" in (tmp_path / "merged" / "README.md").read_text()
-
-
-def run_script(script, *args, env=None):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *args],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        cwd=ROOT,
-    )
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in lines[0]
 
 
 def test_missing_dataset_file_is_one_line(tiny_model, tmp_path):

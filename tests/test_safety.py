@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -15,7 +13,10 @@ import huggingface_hub
 import pytest
 from huggingface_hub import RepoUrl
 import torch
-from helpers import FAKE_TOKEN, ROOT, tiny_run_args, tutorial_rows, write_jsonl
+from helpers import (
+    FAKE_TOKEN, assert_one_line_error, assert_refused, run_script, start_script, tiny_run_args, tutorial_rows,
+    write_jsonl,
+)  # fmt: skip
 from fake_hub import closed_port_endpoint, running_hub
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -24,25 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 import common
 import finetune
 import merge_and_push
-from common import folder_written_whole, run_cli
-
-
-
-def cli(module, args, capsys):
-    """module.main(args) behind the CLI's own wrapper: (exit status, the stderr lines that start with 'error: ')."""
-    with pytest.raises(SystemExit) as exit:
-        run_cli(lambda: module.main(args))
-    err = capsys.readouterr().err
-    return exit.value.code, [line for line in err.splitlines() if line.startswith("error: ")]
-
-
-def assert_refused(module, args, capsys, *words):
-    status, errors = cli(module, args, capsys)
-    assert status == 2
-    assert len(errors) == 1, errors
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
+from common import folder_written_whole
 
 
 @pytest.fixture(scope="module")
@@ -155,18 +138,6 @@ def slow_run_args(model, data, workdir):
     return tiny_run_args(model, data, workdir, "--max_steps", "16", "--save_steps", "2", "--report_to", "none")
 
 
-def start_finetune(args):
-    return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "finetune.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=ROOT,
-    )
-
-
 def wait_for_first_checkpoint(process, results, timeout=120):
     """Polls for the first complete checkpoint (the trainer writes trainer_state.json last)."""
     deadline = time.monotonic() + timeout
@@ -179,7 +150,7 @@ def wait_for_first_checkpoint(process, results, timeout=120):
 
 def test_killed_run_resumes_from_its_checkpoint(tiny_model, tutorial_data, tmp_path, monkeypatch, capsys):
     args = slow_run_args(tiny_model, tutorial_data, tmp_path)
-    process = start_finetune(args)
+    process = start_script("finetune.py", *args)
     wait_for_first_checkpoint(process, tmp_path / "results")
     process.kill()  # SIGKILL: no handler runs, as when a rented GPU goes away
     process.communicate()
@@ -205,7 +176,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model, tutorial_data, tmp_p
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model, tutorial_data, tmp_path):
-    process = start_finetune(slow_run_args(tiny_model, tutorial_data, tmp_path))
+    process = start_script("finetune.py", *slow_run_args(tiny_model, tutorial_data, tmp_path))
     wait_for_first_checkpoint(process, tmp_path / "results")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -323,18 +294,7 @@ def test_bf16_forced_on_a_gpu_without_it_is_one_line(tiny_model, tutorial_data, 
 def test_real_cli_prints_one_line_without_traceback(tiny_model, tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\nnot json\n')
     args = tiny_run_args(tiny_model, str(tmp_path / "rows.jsonl"), tmp_path)
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "finetune.py"), *args],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=ROOT,
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "rows.jsonl': line 2," in errors[0]
+    assert_one_line_error(run_script("finetune.py", *args), "rows.jsonl': line 2,")
 
 
 # merge_and_push.py: the adapter checked, the merged folder written whole and reused, the upload rerun
@@ -672,8 +632,7 @@ def test_adapter_whose_config_rank_differs_from_its_weights_is_one_line(trained,
 
 @pytest.mark.parametrize("script", ["finetune.py", "merge_and_push.py"])
 def test_ctrl_c_while_the_libraries_load_is_one_line(script):
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--help"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT, stdin=subprocess.DEVNULL)  # fmt: skip
+    process = start_script(script, "--help")
     deadline = time.monotonic() + 60
     while "libtorch" not in open(f"/proc/{process.pid}/maps").read():  # torch loading: the handler is set by then,
         assert time.monotonic() < deadline and process.poll() is None  # and transformers and trl take seconds more
