@@ -9,7 +9,7 @@ import bitsandbytes as bnb
 import pytest
 from huggingface_hub import RepoUrl
 import torch
-from helpers import FAKE_TOKEN, assert_one_line_error, run_script, tiny_run_args, write_jsonl
+from helpers import FAKE_TOKEN, assert_one_line_error, run_script, tiny_run_args
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -183,17 +183,6 @@ def test_merged_model_worse_than_the_base_is_not_pushed_unasked(trained, tiny_mo
     merge_and_push.main([*args, "--push_unverified"])  # the merged folder is reused, and pushed with a warning
     assert len(uploads) == 1 and "WARNING" in capsys.readouterr().err
     assert "FAILED" in (tmp_path / "merged" / "README.md").read_text()
-
-
-def test_missing_dataset_file_is_one_line(tiny_model, tmp_path):
-    result = run_script("finetune.py", *tiny_run_args(tiny_model, str(tmp_path / "nope.jsonl"), tmp_path))
-    assert_one_line_error(result, "nope.jsonl", "not found")
-
-
-def test_dataset_of_unknown_columns_is_one_line(tiny_model, tmp_path):
-    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "hi", "reply": "hello"}])
-    result = run_script("finetune.py", *tiny_run_args(tiny_model, data, tmp_path))
-    assert_one_line_error(result, "question, reply", "--text_column", "--prompt_column and --response_column")
 
 
 def test_large_model_without_gpu_stops_before_loading(tutorial_data, tmp_path):

@@ -13,10 +13,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub import RepoUrl
 import torch
-from helpers import (
-    FAKE_TOKEN, assert_one_line_error, assert_refused, run_script, start_script, tiny_run_args, tutorial_rows,
-    write_jsonl,
-)  # fmt: skip
+from helpers import FAKE_TOKEN, assert_refused, start_script, tiny_run_args, tutorial_rows
 from fake_hub import closed_port_endpoint, running_hub
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -246,11 +243,6 @@ def test_unknown_hub_model_offline_is_one_line(tutorial_data, tmp_path, capsys):
     assert_refused(finetune, args, capsys, "'nobody-here/no-such-model'", "--model_name", "network")
 
 
-def test_missing_data_file_is_one_line(tiny_model, tmp_path, capsys):
-    args = tiny_run_args(tiny_model, str(tmp_path / "nope.jsonl"), tmp_path)
-    assert_refused(finetune, args, capsys, "nope.jsonl", "not found", "--dataset_name")
-
-
 def test_logger_not_installed_is_one_line(tiny_model, tutorial_data, tmp_path, monkeypatch, capsys):
     """wandb, as on a machine without it (it is not in requirements.txt, but may be installed here)."""
     monkeypatch.setattr(finetune, "get_available_reporting_integrations", lambda: ["tensorboard"])
@@ -258,27 +250,10 @@ def test_logger_not_installed_is_one_line(tiny_model, tutorial_data, tmp_path, m
     assert_refused(finetune, args, capsys, "--report_to wandb", "not installed", "--report_to none")
 
 
-def test_unknown_hub_data_set_offline_is_one_line(tiny_model, tmp_path, capsys):
-    args = tiny_run_args(tiny_model, "nobody-here/no-such-data", tmp_path)
-    assert_refused(finetune, args, capsys, "'nobody-here/no-such-data'", "--dataset_name", "network")
-
-
 def test_empty_data_file_is_one_line(tiny_model, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     args = tiny_run_args(tiny_model, str(tmp_path / "empty.jsonl"), tmp_path)
     assert_refused(finetune, args, capsys, "empty.jsonl", "has no rows")
-
-
-def test_malformed_json_line_names_its_line(tiny_model, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": row} for row in tutorial_rows()[:2]])
-    with open(data, "a") as f:
-        f.write('{"text": "<s>[INST] unfinished\n')
-    assert_refused(finetune, tiny_run_args(tiny_model, data, tmp_path), capsys, "rows.jsonl", "line 3", "Fix or remove that line")
-
-
-def test_wrong_columns_are_one_line(tiny_model, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "hi", "reply": "hello"}])
-    assert_refused(finetune, tiny_run_args(tiny_model, data, tmp_path), capsys, "question, reply", "--text_column")
 
 
 def test_bf16_forced_on_a_gpu_without_it_is_one_line(tiny_model, tutorial_data, tmp_path, monkeypatch, capsys):
@@ -289,12 +264,6 @@ def test_bf16_forced_on_a_gpu_without_it_is_one_line(tiny_model, tutorial_data, 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (15 * 2**30, 16 * 2**30))  # its 16 GB, 15 free
     args = tiny_run_args(tiny_model, tutorial_data, tmp_path, "--precision", "bf16")
     assert_refused(finetune, args, capsys, "Tesla T4", "does not support bf16", "--precision fp16")
-
-
-def test_real_cli_prints_one_line_without_traceback(tiny_model, tmp_path):
-    (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\nnot json\n')
-    args = tiny_run_args(tiny_model, str(tmp_path / "rows.jsonl"), tmp_path)
-    assert_one_line_error(run_script("finetune.py", *args), "rows.jsonl': line 2,")
 
 
 # merge_and_push.py: the adapter checked, the merged folder written whole and reused, the upload rerun
