@@ -1,14 +1,18 @@
-"""What the tests share: the tiny model and its rows, the scripts' command lines, one way to run a script and to
-check the one line it is refused with, and the fake token. Fixtures are in conftest.py; this module has none."""
+"""What the tests share: the tiny model and its rows, finetune.py's command line, one way to run a script and to
+check the one line it is refused with, the fake token and the Hub's write calls recorded instead of made. Fixtures
+are in conftest.py; this module has none."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections import namedtuple
+from types import SimpleNamespace
 
 import pytest
 import torch
+from huggingface_hub import HfApi, RepoUrl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -163,3 +167,33 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The Hub's write calls, recorded instead of made
+
+Upload = namedtuple("Upload", "repo_id folder files ignore_patterns")
+
+
+def record_pushes(monkeypatch, fail_first_upload=False):
+    """HF_TOKEN set to FAKE_TOKEN and the Hub's three write calls (create_repo, upload_folder, create_commit) replaced
+    by ones that record what would go up: everything up to the network runs. With fail_first_upload the first
+    upload_folder fails as a connection reset does. Returns the record: .repos (each repo id created), .uploads (an
+    Upload per upload_folder) and .commits ((repo id, {path in the repo: operation}) per create_commit)."""
+    pushed = SimpleNamespace(repos=[], uploads=[], commits=[])
+
+    def create_repo(self, repo_id, **kwargs):
+        pushed.repos.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        pushed.uploads.append(Upload(repo_id, str(folder_path), sorted(os.listdir(folder_path)), ignore_patterns))
+        if fail_first_upload and len(pushed.uploads) == 1:
+            raise ConnectionError("Connection reset by peer")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        pushed.commits.append((repo_id, {op.path_in_repo: op for op in operations}))
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    for call in (create_repo, upload_folder, create_commit):
+        monkeypatch.setattr(HfApi, call.__name__, call)
+    return pushed

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from huggingface_hub import RepoUrl
 import torch
-from helpers import FAKE_TOKEN, assert_refused, start_script, tiny_run_args, tutorial_rows
+from helpers import FAKE_TOKEN, assert_refused, record_pushes, start_script, tiny_run_args, tutorial_rows
 from fake_hub import closed_port_endpoint, running_hub
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -351,26 +350,9 @@ def test_folder_of_another_run_is_not_overwritten_unasked(trained, tiny_model, t
     assert sorted(os.listdir(tmp_path)) == ["merged"]
 
 
-def fake_hub(monkeypatch, uploads, fail_first=False):
-    """Only the two network calls are replaced; they record what would go up, and the first upload can fail."""
-
-    def create_repo(self, repo_id, **kwargs):
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
-        uploads.append((repo_id, str(folder_path), sorted(os.listdir(folder_path)), ignore_patterns))
-        if fail_first and len(uploads) == 1:
-            raise ConnectionError("Connection reset by peer")
-
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(merge_and_push.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(merge_and_push.HfApi, "upload_folder", upload_folder)
-
-
 def test_failed_upload_is_rerun_without_merging_again(trained, tiny_model, tmp_path, monkeypatch, capsys):
     _, workdir, _ = trained
-    uploads, merges = [], []
-    fake_hub(monkeypatch, uploads, fail_first=True)
+    uploads, merges = record_pushes(monkeypatch, fail_first_upload=True).uploads, []
     merge_adapter = merge_and_push.merge_adapter
     monkeypatch.setattr(merge_and_push, "merge_adapter", lambda *a: merges.append(1) or merge_adapter(*a))
     args = merge_args(tiny_model, workdir, "--merged_dir", str(tmp_path / "merged"), "--hub_repo", "me/tiny")
@@ -404,8 +386,7 @@ def test_token_never_reaches_output_or_any_written_file(tiny_model, tutorial_dat
     import datasets
 
     started = time.time()
-    uploads = []
-    fake_hub(monkeypatch, uploads)  # HF_TOKEN holds the fake token from here on, for both scripts
+    uploads = record_pushes(monkeypatch).uploads  # HF_TOKEN holds the fake token from here on, for both scripts
     finetune.main(tiny_run_args(tiny_model, tutorial_data, tmp_path, "--max_steps", "4", "--save_steps", "2"))
     merge_and_push.main(merge_args(tiny_model, tmp_path, "--hub_repo", "someone/tiny-qlora"))
     assert uploads, "the push did not run"
