@@ -10,6 +10,8 @@ import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from helpers import free_port
+
 COMMIT_OID = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -95,7 +97,4 @@ def running_hub(failure=None, lifetime_s=60):
 
 def closed_port_endpoint():
     """An endpoint on 127.0.0.1 where nothing listens: connections to it are refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"

@@ -3,10 +3,7 @@ user needs, not the libraries' start-up and retry chatter."""
 
 import dataclasses
 import logging
-import os
 import re
-import subprocess
-import sys
 import time
 
 import huggingface_hub
@@ -15,20 +12,9 @@ import pytest
 import common
 import finetune
 import merge_and_push
-from conftest import ROOT
+from helpers import run_script
 
 SCRIPTS = {"finetune.py": finetune.Settings, "merge_and_push.py": merge_and_push.Settings}
-
-
-def run(script, *args):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *args],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "1000"},  # wide: a default is never wrapped at a '-'
-        cwd=ROOT,
-    )
 
 
 def help_entries(text):
@@ -40,7 +26,7 @@ def help_entries(text):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_lists_each_setting_once_with_its_real_default(script):
-    result = run(script, "--help")
+    result = run_script(script, "--help", env={"COLUMNS": "1000"})  # wide: a default is never wrapped at a '-'
     assert result.returncode == 0 and result.stderr == ""  # nothing from the libraries either
     entries = help_entries(result.stdout)
     fields = dataclasses.fields(SCRIPTS[script])
@@ -57,7 +43,7 @@ def test_help_lists_each_setting_once_with_its_real_default(script):
 
 
 def test_a_bad_model_offline_prints_only_the_error_line():
-    result = run("finetune.py", "--model_name", "nobody-here/no-such-model")
+    result = run_script("finetune.py", "--model_name", "nobody-here/no-such-model")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: cannot load the model 'nobody-here/no-such-model'")
     assert len(result.stderr.splitlines()) == 1, result.stderr  # no bitsandbytes warning before it

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import ROOT, chat_tokenizer, tiny_run_args, tutorial_rows, write_jsonl
-from test_pipeline import assert_one_line_error, run_script
+from helpers import (
+    ROOT, assert_one_line_error, assert_refused, chat_tokenizer, run_script, tiny_run_args, tutorial_rows, write_jsonl,
+)  # fmt: skip
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoTokenizer
 from trl.chat_template_utils import has_generation_markers
@@ -99,15 +100,20 @@ def test_folder_of_files(tmp_path):
 
 
 def test_hub_id_that_cannot_be_loaded_is_one_line():
-    with pytest.raises(UserError, match="someone/no-such-data-set.*--dataset_name"):
+    with pytest.raises(UserError, match="someone/no-such-data-set.*--dataset_name.*your network"):
         data.load_source("someone/no-such-data-set", "cfg", "train")
 
 
 # Bad inputs
+def test_missing_data_file_is_one_line(tiny_model, tmp_path, capsys):
+    args = tiny_run_args(tiny_model, str(tmp_path / "nope.jsonl"), tmp_path)
+    assert_refused(finetune, args, capsys, "nope.jsonl", "not found", "--dataset_name")
+
+
 def test_broken_jsonl_line_is_named(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n')
-    with pytest.raises(UserError, match=r"rows\.jsonl': line 3"):
+    with pytest.raises(UserError, match=r"rows\.jsonl': line 3, .*Fix or remove that line"):
         data.load_source(str(path))
 
 
@@ -129,7 +135,7 @@ def test_broken_file_stops_the_command_line_with_one_line(tiny_model, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"text": "a"}\n{"text": \n')
     result = run_script("finetune.py", *tiny_run_args(tiny_model, str(path), tmp_path, "--check_data"))
-    assert_one_line_error(result, "rows.jsonl", "line 2")
+    assert_one_line_error(result, "rows.jsonl': line 2,")
 
 
 def test_folder_of_mixed_formats_is_refused(tmp_path):

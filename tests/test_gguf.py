@@ -21,12 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import gguf_export
 import merge_and_push
 from common import UserError
-from conftest import ROOT, tiny_run_args
+from helpers import FAKE_TOKEN, ROOT, tiny_run_args
 from examples import smollm2
 
 TYPES = ["f16", "q8_0", "q4_k_m"]
 REPO = "someone/smol-mine"
-FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
 
 
 def need_llama_cpp():

@@ -3,13 +3,12 @@ config's launch reaching the 4-bit storage dtype. The GPU runs themselves (speed
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_run_args, tutorial_rows
+from helpers import ROOT, free_port, tiny_run_args, tutorial_rows
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -19,17 +18,11 @@ import qlora
 FSDP_CONFIG = os.path.join(ROOT, "configs", "fsdp_qlora.yaml")
 
 
-def free_port():
-    """A port for the launch's rendezvous, so that it cannot meet another test run's processes on the default one."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def accelerate_launch(*args, cwd, env=None):
     # HF_HOME of its own: no accelerate config file of this machine's user is read
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf-home"), **(env or {})}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", free_port(), *args]
+    # A rendezvous port of its own: the launch cannot meet another test run's processes on the default port
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *args]
     return subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
 
 

@@ -4,7 +4,7 @@ import os
 import sys
 
 import pytest
-from conftest import ROOT, tiny_run_args, tutorial_rows
+from helpers import ROOT, tiny_run_args, tutorial_rows
 from transformers import TrainerCallback
 
 import finetune

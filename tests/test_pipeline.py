@@ -4,14 +4,11 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import bitsandbytes as bnb
 import pytest
-from huggingface_hub import RepoUrl
 import torch
-from conftest import ROOT, tiny_run_args, write_jsonl
+from helpers import FAKE_TOKEN, assert_one_line_error, record_pushes, run_script, tiny_run_args
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,8 +17,6 @@ import finetune
 import qlora
 import merge_and_push
 from common import UserError
-
-FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
@@ -136,25 +131,14 @@ def test_merged_folder_is_safetensors_with_tokenizer(merged):
 
 
 def test_push_uploads_the_merged_folder_without_printing_the_token(merged, trained, tiny_model, monkeypatch, capsys):
-    """Everything up to the Hub runs; only the two network calls are replaced, and they record what would go up."""
+    """Everything up to the Hub runs; only the network calls are replaced, and they record what would go up."""
     _, workdir = trained
-    calls = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"] = repo_id
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        calls["upload"] = (repo_id, str(folder_path), sorted(os.listdir(folder_path)))
-
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(merge_and_push.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(merge_and_push.HfApi, "upload_folder", upload_folder)
+    pushed = record_pushes(monkeypatch)
     merge_and_push.main(
         ["--model_name", tiny_model, "--new_model", str(workdir / "adapter"), "--hub_repo", "someone/tiny-qlora"]
     )
-    assert calls["create_repo"] == "someone/tiny-qlora"
-    repo_id, folder, files = calls["upload"]
+    assert pushed.repos == ["someone/tiny-qlora"]
+    ((repo_id, folder, files, _),) = pushed.uploads
     assert repo_id == "someone/tiny-qlora" and folder == str(merged)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
     out = capsys.readouterr()
@@ -168,11 +152,7 @@ def test_merged_model_worse_than_the_base_is_not_pushed_unasked(trained, tiny_mo
     adapter = shutil.copytree(workdir / "adapter", tmp_path / "adapter")
     weights = load_file(adapter / "adapter_model.safetensors")
     save_file({k: -5 * w if "lora_B" in k else w for k, w in weights.items()}, adapter / "adapter_model.safetensors")
-    uploads = []
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    hub = "https://huggingface.co"
-    monkeypatch.setattr(merge_and_push.HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"{hub}/{repo_id}"))
-    monkeypatch.setattr(merge_and_push.HfApi, "upload_folder", lambda self, **kwargs: uploads.append(kwargs))
+    uploads = record_pushes(monkeypatch).uploads
     args = ["--model_name", tiny_model, "--new_model", str(adapter), "--merged_dir", str(tmp_path / "merged"),
             "--hub_repo", "someone/tiny"]  # fmt: skip
 
@@ -188,37 +168,6 @@ def test_merged_model_worse_than_the_base_is_not_pushed_unasked(trained, tiny_mo
     merge_and_push.main([*args, "--push_unverified"])  # the merged folder is reused, and pushed with a warning
     assert len(uploads) == 1 and "WARNING" in capsys.readouterr().err
     assert "FAILED" in (tmp_path / "merged" / "README.md").read_text()
-
-
-def run_script(script, *args, env=None):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *args],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        cwd=ROOT,
-    )
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in lines[0]
-
-
-def test_missing_dataset_file_is_one_line(tiny_model, tmp_path):
-    result = run_script("finetune.py", *tiny_run_args(tiny_model, str(tmp_path / "nope.jsonl"), tmp_path))
-    assert_one_line_error(result, "nope.jsonl", "not found")
-
-
-def test_dataset_of_unknown_columns_is_one_line(tiny_model, tmp_path):
-    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "hi", "reply": "hello"}])
-    result = run_script("finetune.py", *tiny_run_args(tiny_model, data, tmp_path))
-    assert_one_line_error(result, "question, reply", "--text_column", "--prompt_column and --response_column")
 
 
 def test_large_model_without_gpu_stops_before_loading(tutorial_data, tmp_path):

@@ -7,9 +7,8 @@ import os
 import shutil
 
 import pytest
-from huggingface_hub import RepoUrl
 import torch
-from conftest import tiny_run_args, tutorial_rows, write_jsonl
+from helpers import FAKE_TOKEN, record_pushes, tiny_run_args, tutorial_rows, write_jsonl
 from huggingface_hub import ModelCard
 from PIL import Image
 from peft import PeftModel
@@ -22,7 +21,6 @@ import merge_and_push
 import qlora
 from common import UserError
 
-FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
 BASE_LICENSE = "apache-2.0"
 # Enough steps at a high learning rate for the tiny model to learn where the rows end (checked: the EOS the merged
 # model stops on has a probability near 0.97 at that step, so greedy decoding does not hang on a coin toss)
@@ -332,28 +330,14 @@ def test_adapter_without_training_info_is_refused(published, base, tmp_path):
 def test_push_sends_the_card_and_the_adapter_to_their_repos(published, base, tmp_path, monkeypatch, capsys):
     """Only the network calls are replaced; they record what would go up."""
     _, workdir = published
-    calls = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        calls["merged"] = (repo_id, sorted(os.listdir(folder_path)))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        calls["adapter"] = (repo_id, {op.path_in_repo: op for op in operations})
-
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(merge_and_push.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(merge_and_push.HfApi, "upload_folder", upload_folder)
-    monkeypatch.setattr(merge_and_push.HfApi, "create_commit", create_commit)
+    pushed = record_pushes(monkeypatch)
     merge_and_push.main(["--model_name", base, "--new_model", str(workdir / "adapter"), "--hub_repo", "someone/tiny",
                          "--merged_dir", str(tmp_path / "merged"), "--push_adapter"])  # fmt: skip
 
-    repo_id, files = calls["merged"]
+    ((repo_id, _, files, _),) = pushed.uploads
     assert repo_id == "someone/tiny"
     assert {"README.md", card.LOSS_PLOT, merge_and_push.VERIFICATION, "model.safetensors"} <= set(files)
-    repo_id, operations = calls["adapter"]
+    ((repo_id, operations),) = pushed.commits
     assert repo_id == "someone/tiny-adapter"
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", card.LOSS_PLOT} <= set(operations)
     assert "training_args.bin" not in operations  # a pickle; training_info.json holds the settings

@@ -3,7 +3,7 @@
 import dataclasses
 import os
 
-from conftest import ROOT
+from helpers import ROOT
 
 import finetune
 import merge_and_push

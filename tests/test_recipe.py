@@ -12,7 +12,7 @@ from transformers import LlamaConfig, TrainerCallback
 import common
 import finetune
 import recipes
-from conftest import ROOT, tiny_run_args
+from helpers import ROOT, tiny_run_args
 
 GIB = 2**30
 MEASURED = json.load(open(os.path.join(ROOT, "bench", "results", "memory.json")))["cells"]

@@ -5,17 +5,14 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import namedtuple
 from pathlib import Path
 
 import huggingface_hub
 import pytest
-from huggingface_hub import RepoUrl
 import torch
-from conftest import ROOT, tiny_run_args, tutorial_rows, write_jsonl
+from helpers import FAKE_TOKEN, assert_refused, record_pushes, start_script, tiny_run_args, tutorial_rows
 from fake_hub import closed_port_endpoint, running_hub
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -25,26 +22,7 @@ import common
 import finetune
 import safeguards
 import merge_and_push
-from common import folder_written_whole, run_cli
-
-FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
-
-
-def cli(module, args, capsys):
-    """module.main(args) behind the CLI's own wrapper: (exit status, the stderr lines that start with 'error: ')."""
-    with pytest.raises(SystemExit) as exit:
-        run_cli(lambda: module.main(args))
-    err = capsys.readouterr().err
-    return exit.value.code, [line for line in err.splitlines() if line.startswith("error: ")]
-
-
-def assert_refused(module, args, capsys, *words):
-    status, errors = cli(module, args, capsys)
-    assert status == 2
-    assert len(errors) == 1, errors
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
+from common import folder_written_whole
 
 
 @pytest.fixture(scope="module")
@@ -157,18 +135,6 @@ def slow_run_args(model, data, workdir):
     return tiny_run_args(model, data, workdir, "--max_steps", "16", "--save_steps", "2", "--report_to", "none")
 
 
-def start_finetune(args):
-    return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "finetune.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=ROOT,
-    )
-
-
 def wait_for_first_checkpoint(process, results, timeout=120):
     """Polls for the first complete checkpoint (the trainer writes trainer_state.json last)."""
     deadline = time.monotonic() + timeout
@@ -181,7 +147,7 @@ def wait_for_first_checkpoint(process, results, timeout=120):
 
 def test_killed_run_resumes_from_its_checkpoint(tiny_model, tutorial_data, tmp_path, monkeypatch, capsys):
     args = slow_run_args(tiny_model, tutorial_data, tmp_path)
-    process = start_finetune(args)
+    process = start_script("finetune.py", *args)
     wait_for_first_checkpoint(process, tmp_path / "results")
     process.kill()  # SIGKILL: no handler runs, as when a rented GPU goes away
     process.communicate()
@@ -207,7 +173,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_model, tutorial_data, tmp_p
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model, tutorial_data, tmp_path):
-    process = start_finetune(slow_run_args(tiny_model, tutorial_data, tmp_path))
+    process = start_script("finetune.py", *slow_run_args(tiny_model, tutorial_data, tmp_path))
     wait_for_first_checkpoint(process, tmp_path / "results")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -277,11 +243,6 @@ def test_unknown_hub_model_offline_is_one_line(tutorial_data, tmp_path, capsys):
     assert_refused(finetune, args, capsys, "'nobody-here/no-such-model'", "--model_name", "network")
 
 
-def test_missing_data_file_is_one_line(tiny_model, tmp_path, capsys):
-    args = tiny_run_args(tiny_model, str(tmp_path / "nope.jsonl"), tmp_path)
-    assert_refused(finetune, args, capsys, "nope.jsonl", "not found", "--dataset_name")
-
-
 def test_logger_not_installed_is_one_line(tiny_model, tutorial_data, tmp_path, monkeypatch, capsys):
     """wandb, as on a machine without it (it is not in requirements.txt, but may be installed here)."""
     monkeypatch.setattr(safeguards, "get_available_reporting_integrations", lambda: ["tensorboard"])
@@ -289,27 +250,10 @@ def test_logger_not_installed_is_one_line(tiny_model, tutorial_data, tmp_path, m
     assert_refused(finetune, args, capsys, "--report_to wandb", "not installed", "--report_to none")
 
 
-def test_unknown_hub_data_set_offline_is_one_line(tiny_model, tmp_path, capsys):
-    args = tiny_run_args(tiny_model, "nobody-here/no-such-data", tmp_path)
-    assert_refused(finetune, args, capsys, "'nobody-here/no-such-data'", "--dataset_name", "network")
-
-
 def test_empty_data_file_is_one_line(tiny_model, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     args = tiny_run_args(tiny_model, str(tmp_path / "empty.jsonl"), tmp_path)
     assert_refused(finetune, args, capsys, "empty.jsonl", "has no rows")
-
-
-def test_malformed_json_line_names_its_line(tiny_model, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": row} for row in tutorial_rows()[:2]])
-    with open(data, "a") as f:
-        f.write('{"text": "<s>[INST] unfinished\n')
-    assert_refused(finetune, tiny_run_args(tiny_model, data, tmp_path), capsys, "rows.jsonl", "line 3", "Fix or remove that line")
-
-
-def test_wrong_columns_are_one_line(tiny_model, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "hi", "reply": "hello"}])
-    assert_refused(finetune, tiny_run_args(tiny_model, data, tmp_path), capsys, "question, reply", "--text_column")
 
 
 def test_bf16_forced_on_a_gpu_without_it_is_one_line(tiny_model, tutorial_data, tmp_path, monkeypatch, capsys):
@@ -320,23 +264,6 @@ def test_bf16_forced_on_a_gpu_without_it_is_one_line(tiny_model, tutorial_data, 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (15 * 2**30, 16 * 2**30))  # its 16 GB, 15 free
     args = tiny_run_args(tiny_model, tutorial_data, tmp_path, "--precision", "bf16")
     assert_refused(finetune, args, capsys, "Tesla T4", "does not support bf16", "--precision fp16")
-
-
-def test_real_cli_prints_one_line_without_traceback(tiny_model, tmp_path):
-    (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\nnot json\n')
-    args = tiny_run_args(tiny_model, str(tmp_path / "rows.jsonl"), tmp_path)
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "finetune.py"), *args],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=ROOT,
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "rows.jsonl': line 2," in errors[0]
 
 
 # merge_and_push.py: the adapter checked, the merged folder written whole and reused, the upload rerun
@@ -424,26 +351,9 @@ def test_folder_of_another_run_is_not_overwritten_unasked(trained, tiny_model, t
     assert sorted(os.listdir(tmp_path)) == ["merged"]
 
 
-def fake_hub(monkeypatch, uploads, fail_first=False):
-    """Only the two network calls are replaced; they record what would go up, and the first upload can fail."""
-
-    def create_repo(self, repo_id, **kwargs):
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
-        uploads.append((repo_id, str(folder_path), sorted(os.listdir(folder_path)), ignore_patterns))
-        if fail_first and len(uploads) == 1:
-            raise ConnectionError("Connection reset by peer")
-
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(merge_and_push.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(merge_and_push.HfApi, "upload_folder", upload_folder)
-
-
 def test_failed_upload_is_rerun_without_merging_again(trained, tiny_model, tmp_path, monkeypatch, capsys):
     _, workdir, _ = trained
-    uploads, merges = [], []
-    fake_hub(monkeypatch, uploads, fail_first=True)
+    uploads, merges = record_pushes(monkeypatch, fail_first_upload=True).uploads, []
     merge_adapter = merge_and_push.merge_adapter
     monkeypatch.setattr(merge_and_push, "merge_adapter", lambda *a: merges.append(1) or merge_adapter(*a))
     args = merge_args(tiny_model, workdir, "--merged_dir", str(tmp_path / "merged"), "--hub_repo", "me/tiny")
@@ -477,8 +387,7 @@ def test_token_never_reaches_output_or_any_written_file(tiny_model, tutorial_dat
     import datasets
 
     started = time.time()
-    uploads = []
-    fake_hub(monkeypatch, uploads)  # HF_TOKEN holds the fake token from here on, for both scripts
+    uploads = record_pushes(monkeypatch).uploads  # HF_TOKEN holds the fake token from here on, for both scripts
     finetune.main(tiny_run_args(tiny_model, tutorial_data, tmp_path, "--max_steps", "4", "--save_steps", "2"))
     merge_and_push.main(merge_args(tiny_model, tmp_path, "--hub_repo", "someone/tiny-qlora"))
     assert uploads, "the push did not run"
@@ -674,8 +583,7 @@ def test_adapter_whose_config_rank_differs_from_its_weights_is_one_line(trained,
 
 @pytest.mark.parametrize("script", ["finetune.py", "merge_and_push.py"])
 def test_ctrl_c_while_the_libraries_load_is_one_line(script):
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--help"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT, stdin=subprocess.DEVNULL)  # fmt: skip
+    process = start_script(script, "--help")
     deadline = time.monotonic() + 60
     while "libtorch" not in open(f"/proc/{process.pid}/maps").read():  # torch loading: the handler is set by then,
         assert time.monotonic() < deadline and process.poll() is None  # and transformers and trl take seconds more

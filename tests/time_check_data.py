@@ -2,12 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
-from conftest import ROOT, build_tiny_model
+from helpers import build_tiny_model, run_script
 
 
 def write_rows(path, shape, n=100_000):
@@ -28,10 +26,8 @@ if __name__ == "__main__":
     for shape in ("text", "messages"):
         path = os.path.join(folder, f"{shape}.jsonl")
         write_rows(path, shape)
-        command = [sys.executable, os.path.join(ROOT, "finetune.py"), "--check_data", "--model_name", model,
-                   "--dataset_name", path]  # fmt: skip
         start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result = run_script("finetune.py", "--check_data", "--model_name", model, "--dataset_name", path)
         seconds = time.perf_counter() - start
         assert result.returncode == 0, result.stderr
         print(f"{shape}: {seconds:.1f} s for 100,000 rows (whole command, imports included)")
