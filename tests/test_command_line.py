@@ -1,8 +1,10 @@
-"""What a user reads from the scripts: --help lists each setting once with its real default, and a run prints what the
-user needs, not the libraries' start-up and retry chatter."""
+"""What a user reads from the scripts: --help lists each setting once with its real default, a run prints what the
+user needs, not the libraries' start-up and retry chatter, and neither script imports the other."""
 
+import ast
 import dataclasses
 import logging
+import os
 import re
 import time
 
@@ -12,7 +14,7 @@ import pytest
 import common
 import finetune
 import merge_and_push
-from helpers import run_script
+from helpers import ROOT, run_script
 
 SCRIPTS = {"finetune.py": finetune.Settings, "merge_and_push.py": merge_and_push.Settings}
 
@@ -71,8 +73,6 @@ def test_an_unreachable_hub_is_retried_without_a_line_for_each_retry(monkeypatch
 
 def imported_modules(path):
     """The project modules a file imports, read from its source (nothing is run)."""
-    import ast
-
     tree = ast.parse(open(path).read())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}

@@ -110,6 +110,14 @@ def test_missing_data_file_is_one_line(tiny_model, tmp_path, capsys):
     assert_refused(finetune, args, capsys, "nope.jsonl", "not found", "--dataset_name")
 
 
+def test_data_file_of_another_format_is_one_line(tiny_model, tmp_path, capsys):
+    """A file that exists is the user's data, whatever its extension: named as such, never looked up on the Hub."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("What is 1 plus 1? 2\n")
+    args = tiny_run_args(tiny_model, str(notes), tmp_path)
+    assert_refused(finetune, args, capsys, "notes.txt", "is not a .jsonl, .json, .csv, .tsv or .parquet file")
+
+
 def test_broken_jsonl_line_is_named(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n')

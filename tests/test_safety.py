@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import common
 import finetune
-import safeguards
 import merge_and_push
+import safeguards
 from common import folder_written_whole
 
 
