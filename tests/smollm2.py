@@ -190,6 +190,13 @@ CPU_RUN_OVERRIDES = [
 ]  # fmt: skip
 
 
+# The tests' run (tests/conftest.py's smollm2_run): 60 steps at 1e-3 rather than the demo's epoch (230 steps) at the
+# default 2e-4, about a quarter of the training time. Measured: 40 steps at 1e-3 left two of the three shown answers
+# in the model's own form; 40 at 2e-3 took the form but lost the facts (Baghdad became "Lambda")
+TEST_LEARNING_RATE = 1e-3
+TEST_RUN_ARGS = ["--max_steps", "60"]
+
+
 def alpaca_row(question, answer):
     """The same pair in Alpaca's columns, which finetune.py renders as the same one-question chat."""
     return {"instruction": question, "output": answer}
@@ -226,7 +233,7 @@ def run_experiment(base, workdir, learning_rate, merge=True, extra_args=()):
     started = time.time()
     trainer = finetune.main(argv)
     result = {"argv": argv, "shown": shown_questions(heldout), "train_seconds": time.time() - started,
-              "trainer": trainer, "adapter": adapter}  # fmt: skip
+              "trainer": trainer, "base": base, "adapter": adapter}  # fmt: skip
 
     model = trainer.model
     with model.disable_adapter():

@@ -20,16 +20,11 @@ CLEAR_MARGIN = 0.5
 MERGE_TOLERANCE = 0.01
 
 
-@pytest.fixture(scope="session")
-def smollm2_base(tmp_path_factory):
-    """The GGUF file converted once per test session to a safetensors folder."""
-    return smollm2.convert_to_safetensors(str(tmp_path_factory.mktemp("smollm2-base")))
-
-
 @pytest.fixture(scope="module")
-def run(smollm2_base, tmp_path_factory):
-    """One short run at finetune.py's default learning rate, measured before, after and merged."""
-    return smollm2.run_experiment(smollm2_base, tmp_path_factory.mktemp("smollm2-run"), 2e-4)
+def run(smollm2_run):
+    """The tests' run (smollm2.TEST_RUN_ARGS), measured before, after and merged: conftest.py's, made once per session and
+    shared with test_gguf.py, which exports its merged folder."""
+    return smollm2_run
 
 
 def test_rows_are_real_and_held_out_rows_are_never_trained_on():
