@@ -191,8 +191,8 @@ CPU_RUN_OVERRIDES = [
 
 
 # The tests' run (tests/conftest.py's smollm2_run): 60 steps at 1e-3 rather than the demo's epoch (230 steps) at the
-# default 2e-4, about a quarter of the training time. Measured: 40 steps at 1e-3 left two of the three shown answers
-# in the model's own form; 40 at 2e-3 took the form but lost the facts (Baghdad became "Lambda")
+# default 2e-4, about a quarter of the training time. Measured once with run_experiment: 40 steps at 1e-3 left two of
+# the three shown answers in the model's own form; 40 at 2e-3 took the form but lost facts (Baghdad became "Lambda")
 TEST_LEARNING_RATE = 1e-3
 TEST_RUN_ARGS = ["--max_steps", "60"]
 

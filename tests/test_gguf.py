@@ -2,8 +2,8 @@
 merged model, the Ollama Modelfile, the push, and the bad inputs refused before the merge.
 
 The real-model tests use SmolLM2-135M-Instruct (tests/smollm2.py), fine-tuned and merged once per test session (the
-run tests/test_real_model.py checks, conftest.py's smollm2_run), then exported to f16, q8_0 and q4_k_m once. They need llama-cpp-python and Go (CI installs both): a
-missing one fails with what to install, never skips.
+run tests/test_real_model.py checks, conftest.py's smollm2_run), then exported to f16, q8_0 and q4_k_m once. They
+need llama-cpp-python and Go (CI installs both): a missing one fails with what to install, never skips.
 """
 
 import json
