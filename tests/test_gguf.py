@@ -1,9 +1,9 @@
 """merge_and_push.py --gguf: llama.cpp's converter on the merged folder, the files checked with llama.cpp against the
 merged model, the Ollama Modelfile, the push, and the bad inputs refused before the merge.
 
-The real-model tests use SmolLM2-135M-Instruct (examples/smollm2.py), fine-tuned for a few steps and merged once per
-test session, then exported to f16, q8_0 and q4_k_m once. They need llama-cpp-python and Go (CI installs both): a
-missing one fails with what to install, never skips.
+The real-model tests use SmolLM2-135M-Instruct (tests/smollm2.py), fine-tuned and merged once per test session (the
+run tests/test_real_model.py checks, conftest.py's smollm2_run), then exported to f16, q8_0 and q4_k_m once. They
+need llama-cpp-python and Go (CI installs both): a missing one fails with what to install, never skips.
 """
 
 import json
@@ -22,7 +22,6 @@ import gguf_export
 import merge_and_push
 from common import UserError
 from helpers import FAKE_TOKEN, ROOT, tiny_run_args
-from examples import smollm2
 
 TYPES = ["f16", "q8_0", "q4_k_m"]
 REPO = "someone/smol-mine"
@@ -36,26 +35,20 @@ def need_llama_cpp():
     return llama_cpp
 
 
-# A real model, fine-tuned a little and merged, once per session
+# A real model, fine-tuned and merged once per session (conftest.py's smollm2_run, which test_real_model.py checks),
+# its merged folder exported here once
 @pytest.fixture(scope="session")
-def smol_run(tmp_path_factory):
-    need_llama_cpp()
-    import finetune
-
-    workdir = tmp_path_factory.mktemp("gguf-run")
-    base = smollm2.convert_to_safetensors(str(workdir / "base"))
-    train, _ = smollm2.split_pairs(smollm2.qa_pairs())
-    rows = smollm2.write_rows(workdir / "train.jsonl", [smollm2.messages_row(q, a) for q, a in train])
-    adapter = workdir / "adapter"
-    # A few steps: the export is under test, not the training (tests/test_real_model.py trains a whole epoch)
-    finetune.main(["--model_name", base, "--dataset_name", rows, "--output_dir", str(workdir / "results"),
-                   "--new_model", str(adapter), *smollm2.CPU_RUN_OVERRIDES, "--max_steps", "5",
-                   "--sample_prompt", "What is the capital of France?"])  # fmt: skip
-    argv = ["--model_name", base, "--new_model", str(adapter), "--merged_dir", str(workdir / "merged"),
+def smol_run(request):
+    need_llama_cpp()  # before the real-model run, which takes minutes
+    run = request.getfixturevalue("smollm2_run")
+    argv = ["--model_name", run["base"], "--new_model", str(run["adapter"]), "--merged_dir", str(run["merged_dir"]),
             "--hub_repo", REPO, "--gguf", ",".join(TYPES)]  # fmt: skip
+    weights = run["merged_dir"] / "model.safetensors"
+    merged_at = weights.stat().st_mtime_ns
     merge_and_push.main([*argv, "--no_push"])
-    return {"base": base, "adapter": adapter, "merged": workdir / "merged", "gguf_dir": workdir / "merged-gguf",
-            "argv": argv}  # fmt: skip
+    assert weights.stat().st_mtime_ns == merged_at, "merge_and_push.py merged again instead of using the merged folder"
+    return {"base": run["base"], "adapter": run["adapter"], "merged": run["merged_dir"],
+            "gguf_dir": run["merged_dir"].parent / "merged-gguf", "argv": argv}  # fmt: skip
 
 
 def gguf_path(run, gguf_type):

@@ -210,11 +210,15 @@ def verify(base, merged_dir, adapter, *extra):
     return settings, merge_and_push.verify_merged(settings, info, train_settings, tokenizer, rows, merge)
 
 
-def test_merged_folder_of_another_adapter_is_caught(published, wrong_adapter, base, tmp_path, capsys):
-    """The merged folder on disk is checked against the adapter the user means to publish, not against itself."""
+def test_merged_folder_of_another_adapter_is_caught(published, wrong_adapter, base, tmp_path, capsys, request):
+    """The merged folder on disk is checked against the adapter the user means to publish, not against itself
+    (README quotes the mean KL this prints for each wrong adapter)."""
     _, workdir = published
     merged = shutil.copytree(workdir / "adapter-merged", tmp_path / "merged")
     settings, report = verify(base, merged, wrong_adapter)
+    with capsys.disabled():
+        print(f"\nmerged folder vs base + the adapter of {request.node.callspec.params['wrong_adapter']}: "
+              f"mean KL {report.mean_kl:.3g} (verify_max_kl {settings.verify_max_kl})")
     assert report.passed is False and report.mean_kl > 10 * settings.verify_max_kl
     assert json.loads((merged / merge_and_push.VERIFICATION).read_text())["passed"] is False
     with pytest.raises(UserError, match="does not behave like base"):
